@@ -1,0 +1,150 @@
+"""The Gemma 4 text model (the speculative-decoding *target*): embeddings, decoder layers, final norm, tied head.
+
+One class covers E2B/E4B (per-layer embeddings, KV sharing, double-wide MLP), 31B (k_eq_v full layers, separate
+global head dim and KV heads) and 26B-A4B (mixture of experts); the differences live in `Gemma4Config.layers`, not in
+branches on the model name. Module names equal the checkpoint's key names after the `model.` /
+`model.language_model.` prefix, so loading is a prefix strip (see `weights/loader.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+from .config import Gemma4Config, LayerSpec
+from .layers import MLP, Attention, RMSNorm, gelu_tanh, rope_cos_sin
+from .moe import Experts, Router
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S_kept, V], softcapped
+    hidden_states: torch.Tensor  # [B, S, H], after the final norm: what the drafter takes as input
+
+
+class DecoderLayer(nn.Module):
+    """One layer (spec §2.4): attention and feed-forward blocks, each wrapped in pre- and post-norms, then the
+    per-layer-embedding gate (E2B/E4B) and a learned scalar on the whole output."""
+
+    def __init__(self, config: Gemma4Config, spec: LayerSpec):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, spec)
+        self.mlp = MLP(hidden, spec.mlp_width)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.uses_ple = config.uses_ple
+        if self.uses_ple:
+            self.per_layer_input_gate = nn.Linear(hidden, config.hidden_size_per_layer_input, bias=False)
+            self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, hidden, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(hidden, eps)
+        self.uses_moe = config.enable_moe_block
+        if self.uses_moe:
+            self.router = Router(config)
+            self.experts = Experts(config)
+            self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+
+    def forward(self, x, cos, sin, mask, cache, shared, per_layer_input=None) -> torch.Tensor:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, shared))
+        m = self.mlp(self.pre_feedforward_layernorm(h))
+        if self.uses_moe:  # the dense MLP and the experts both run; the router reads h, not the normed input
+            flat = h.reshape(-1, h.shape[-1])  # [B*S, H]
+            weights, experts = self.router(flat)
+            e = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).view_as(h)
+            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(e)
+        h = h + self.post_feedforward_layernorm(m)
+        if self.uses_ple:
+            g = gelu_tanh(self.per_layer_input_gate(h)) * per_layer_input  # [B, S, P]
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return h * self.layer_scalar
+
+
+class Gemma4Model(nn.Module):
+    """`model(input_ids, cache=None)` -> ModelOutput. With a cache, processes positions [cache.length,
+    cache.length + S) and appends their K/V; without one, treats input_ids as a whole sequence."""
+
+    def __init__(self, config: Gemma4Config):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
+        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+        if config.uses_ple:
+            layers, per_layer = config.num_hidden_layers, config.hidden_size_per_layer_input
+            self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, layers * per_layer)
+            self.per_layer_model_projection = nn.Linear(hidden, layers * per_layer, bias=False)
+            self.per_layer_projection_norm = RMSNorm(per_layer, config.rms_norm_eps)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Scaled token embedding [B, S, H]: sqrt(H) is rounded to the weight dtype first, as transformers does
+        (in bf16, sqrt(1536) = 39.19 becomes 39.25). The drafter embeds its input token with this too."""
+        scale = torch.tensor(self.config.hidden_size**0.5).to(self.dtype)
+        return self.embed_tokens(input_ids) * scale
+
+    def per_layer_inputs(self, input_ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Per-layer embeddings [B, S, L, P] (spec §2.3): a token part from its own table and a context part
+        projected from the scaled embedding x0, each normalised per layer, averaged with 1/sqrt(2)."""
+        cfg = self.config
+        shape = (*input_ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+        scale = torch.tensor(cfg.hidden_size_per_layer_input**0.5).to(self.dtype)
+        token = (self.embed_tokens_per_layer(input_ids) * scale).reshape(shape)
+        context = self.per_layer_model_projection(x0) * cfg.hidden_size**-0.5
+        context = self.per_layer_projection_norm(context.reshape(shape))
+        return (context + token) * 2**-0.5
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int | None = None
+    ) -> ModelOutput:
+        """input_ids: [B, S]. `logits_to_keep=k` computes logits for the last k positions only (a prefill needs
+        one row, and the head is the largest matmul in the model); hidden states are returned for all S."""
+        B, S = input_ids.shape
+        if cache is None:
+            cache = KVCache(self.config, batch_size=B, dtype=self.dtype, device=self.device, max_length=S,
+                            max_rollback=0)
+        step = cache.begin(S)
+        x = self.embed(input_ids)  # [B, S, H]
+        ple = self.per_layer_inputs(input_ids, x) if self.config.uses_ple else None  # [B, S, L, P]
+        rope = {
+            t: rope_cos_sin(step.positions, self.config.rope[t], head_dim, x.dtype)
+            for t, head_dim in {s.attention_type: s.head_dim for s in self.config.layers}.items()
+        }
+        shared: dict = {}  # attention type -> (K, V) of its "store" layer in this pass, read by "reuse" layers
+        for spec, layer in zip(self.config.layers, self.layers):
+            t = spec.attention_type
+            x = layer(x, *rope[t], step.masks[t], cache, shared, ple[:, :, spec.index] if ple is not None else None)
+        h = self.norm(x)
+        return ModelOutput(self.head(h if logits_to_keep is None else h[:, -logits_to_keep:]), h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied (or separate) output projection, then final logit softcapping c * tanh(logits / c)."""
+        weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        logits = h @ weight.T
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def new_cache(self, *, batch_size: int = 1, max_length: int = 256, max_rollback: int = 16,
+                  min_sliding_history: int = 0) -> KVCache:
+        """An empty cache on this model's device and dtype."""
+        return KVCache(self.config, batch_size=batch_size, dtype=self.dtype, device=self.device,
+                       max_length=max_length, max_rollback=max_rollback, min_sliding_history=min_sliding_history)

@@ -1,0 +1,53 @@
+"""The mixture-of-experts block of Gemma 4 26B-A4B (spec §2.8). It runs next to the dense MLP on every layer.
+
+The router reads the residual stream after attention; its softmax covers all experts, then the top-k weights are
+renormalised and multiplied by a learned per-expert scale. Experts are stored stacked, as in the checkpoint:
+`gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Gemma4Config
+from .layers import RMSNorm, gelu_tanh
+
+
+class Router(nn.Module):
+    def __init__(self, config: Gemma4Config):
+        super().__init__()
+        self.top_k = config.top_k_experts
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+        self.root_size = config.hidden_size**-0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> weights [T, k] (float32), expert ids [T, k]."""
+        logits = self.proj(self.norm(x) * self.scale * self.root_size)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts
+
+
+class Experts(nn.Module):
+    def __init__(self, config: Gemma4Config):
+        super().__init__()
+        e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; weights, experts: [T, k]. Each token's output is the weighted sum of its experts' MLPs.
+        Experts are visited in ascending id and accumulated with index_add_, which keeps fp32 sums bit-equal to
+        transformers. The loop visits only experts some token chose (one host sync for the list)."""
+        out = torch.zeros_like(x)
+        for e in experts.unique().tolist():
+            token, slot = torch.where(experts == e)
+            gate, up = torch.nn.functional.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(gelu_tanh(gate) * up, self.down_proj[e])  # [n, H]
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out

@@ -1,0 +1,138 @@
+"""Finding a checkpoint (local folder or hub repo id) and reading its JSON and safetensors files.
+
+Checkpoints come from the internet, so everything read here is validated, and every failure is a
+`CheckpointError` whose message names the file or tensor. Weights are read lazily, one tensor at a time, through
+safetensors' memory map; pickle files (`.bin`, `.pt`, `.pth`) are refused, never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+# What a hub download fetches: configs, safetensors weights and tokenizer files, nothing else.
+HUB_ALLOW_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja",
+]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, incomplete, corrupt, or not what the caller asked for."""
+
+
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local folder as is, or a hub repo id downloaded with `huggingface_hub.snapshot_download` (which honours
+    HF_HOME, HF_TOKEN and HF_HUB_OFFLINE) restricted to `HUB_ALLOW_PATTERNS`."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; a checkpoint is a folder holding config.json and *.safetensors")
+        return path
+    name = str(path_or_repo_id)
+    if not _REPO_ID.match(name):
+        raise CheckpointError(f"checkpoint not found: no folder {path}, and {name!r} is not a hub repo id (org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"cannot fetch {name!r} from the hub (offline, or no connection) and no complete copy is cached "
+            f"under HF_HOME: {e}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"no hub repository {name!r} (or it is private and HF_TOKEN is not set)") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"downloading {name!r} failed: {e}") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a CheckpointError naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_optional_json(path: Path) -> dict:
+    return read_json(path) if path.exists() else {}
+
+
+class TensorStore:
+    """Lazy, validated access to the tensors of a checkpoint folder (single-file or sharded safetensors)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no 'weight_map' object")
+            root = folder.resolve()
+            for key, name in weight_map.items():
+                file = (folder / str(name)).resolve()
+                if root not in file.parents:
+                    raise CheckpointError(f"{index}: shard {name!r} of tensor {key!r} is outside the checkpoint folder")
+                if not file.is_file():
+                    raise CheckpointError(f"{index}: shard {name!r} of tensor {key!r} does not exist")
+                self._file_of[key] = file
+            for file in sorted(set(self._file_of.values())):  # every key the index names must be in its shard
+                present = set(self._open(file).keys())
+                for key in (k for k, f in self._file_of.items() if f == file and k not in present):
+                    raise CheckpointError(f"{index} maps tensor {key!r} to {file.name}, which does not contain it")
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+                if pickles:
+                    raise CheckpointError(
+                        f"{folder} holds only pickle weights ({', '.join(pickles)}); this project reads safetensors "
+                        "only and never unpickles files. Convert them with safetensors first."
+                    )
+                raise CheckpointError(f"no *.safetensors weights in {folder}")
+            for file in files:
+                for key in self._open(file).keys():
+                    self._file_of[key] = file
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._read(key, lambda h: h.get_slice(key).get_shape()))
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._read(key, lambda h: h.get_tensor(key))
+
+    def _read(self, key, fn):
+        file = self._file_of[key]
+        try:
+            return fn(self._open(file))
+        except (SafetensorError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key!r}: {e}") from None
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"{file} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+        return self._handles[file]

@@ -1,0 +1,135 @@
+"""Turning a checkpoint folder or hub repo id into a model ready for inference.
+
+The model is built on the meta device, given uninitialised storage in the requested dtype and device, and then
+every parameter and buffer is filled from the checkpoint one tensor at a time. Peak memory therefore stays near one
+copy of the weights, and a tensor the checkpoint lacks is an error, never a silent random weight.
+
+Key mapping, in one place: our module names equal the checkpoint's names after a prefix, `model.language_model.`
+for multimodal checkpoints (Gemma4ForConditionalGeneration) and `model.` for text-only ones (Gemma4ForCausalLM).
+Vision and audio tensors lie outside that prefix and are never read; the k/v tensors some checkpoints keep for
+KV-sharing ("reuse") layers are skipped, as transformers does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gemma4 import ConfigError, Gemma4Config, Gemma4Model
+
+from .files import CheckpointError, TensorStore, read_json, read_optional_json, resolve_checkpoint
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+_REUSE_LAYER_KV = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but the MPS backend is not available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device}; use cpu, cuda or mps")
+    return device
+
+
+def load_target(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> Gemma4Model:
+    """Load a Gemma 4 text model (multimodal checkpoints: their language model only).
+
+    The returned model carries `checkpoint_dir` (where tokenizer files live) and `generation_config` (the dict
+    from generation_config.json, empty when there is none: stop tokens and sampling defaults come from it)."""
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision)
+    config = parse_config(folder, Gemma4Config.from_dict)
+    store = TensorStore(folder)
+    prefix = "model.language_model." if any(k.startswith("model.language_model.") for k in store.keys()) else "model."
+    model = build_empty(Gemma4Model, config, dtype, device)
+    reuse = {str(s.index) for s in config.layers if s.kv_mode == "reuse"}
+
+    def ignored(key: str) -> bool:
+        if not key.startswith(prefix):
+            return key != "lm_head.weight" or config.tie_word_embeddings  # other towers; a tied head's copy
+        m = _REUSE_LAYER_KV.match(key[len(prefix):])
+        return m is not None and m.group(1) in reuse
+
+    key_of = {name: ("lm_head.weight" if name == "lm_head.weight" else prefix + name) for name in model.state_dict()}
+    fill(model, store, key_of, ignored)
+    return finish(model, folder)
+
+
+def parse_config(folder: Path, parse):
+    path = folder / "config.json"
+    try:
+        return parse(read_json(path))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def build_empty(cls, config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The module with uninitialised storage: floating tensors in `dtype`, integer buffers unchanged."""
+    with torch.device("meta"):
+        model = cls(config)
+    return model.to(dtype).to_empty(device=device)
+
+
+@torch.no_grad()
+def fill(model: nn.Module, store: TensorStore, key_of: dict[str, str], ignored) -> None:
+    """Copy checkpoint tensor `key_of[name]` into every parameter and buffer `name` of `model`, checking shapes
+    and that each checkpoint tensor was either used or deliberately ignored."""
+    targets = model.state_dict(keep_vars=True)
+    missing = [key_of[n] for n in targets if key_of[n] not in store]
+    if missing:
+        raise CheckpointError(
+            f"{store.folder}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    used = set(key_of.values())
+    unexpected = [k for k in store.keys() if k not in used and not ignored(k)]
+    if unexpected:
+        raise CheckpointError(
+            f"{store.folder}: unexpected tensor {unexpected[0]!r}"
+            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+            + "; the config does not describe this checkpoint"
+        )
+    for name, target in targets.items():
+        key = key_of[name]
+        shape = store.shape(key)
+        if shape != tuple(target.shape):
+            raise CheckpointError(
+                f"{store.folder}: tensor {key!r} has shape {list(shape)}, expected {list(target.shape)}"
+            )
+        tensor = store.get(key)
+        if tensor.is_floating_point() != target.is_floating_point():
+            raise CheckpointError(f"{store.folder}: tensor {key!r} has dtype {tensor.dtype}, expected {target.dtype}")
+        target.copy_(tensor)  # converts dtype; one source tensor alive at a time
+
+
+def finish(model: nn.Module, folder: Path) -> nn.Module:
+    model.requires_grad_(False).eval()
+    model.checkpoint_dir = folder
+    model.generation_config = read_optional_json(folder / "generation_config.json")
+    return model
