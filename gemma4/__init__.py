@@ -2,9 +2,10 @@
 
 from .cache import CacheError, KVCache, KVView
 from .config import FULL, SLIDING, ConfigError, Gemma4Config, LayerSpec, RopeParams
-from .model import Gemma4Model, ModelOutput
+from .layers import RMSNorm
+from .model import DecoderLayer, Gemma4Model, ModelOutput
 
 __all__ = [
-    "FULL", "SLIDING", "CacheError", "ConfigError", "Gemma4Config", "Gemma4Model", "KVCache", "KVView",
-    "LayerSpec", "ModelOutput", "RopeParams",
+    "FULL", "SLIDING", "CacheError", "ConfigError", "DecoderLayer", "Gemma4Config", "Gemma4Model", "KVCache", "KVView",
+    "LayerSpec", "ModelOutput", "RMSNorm", "RopeParams",
 ]

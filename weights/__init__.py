@@ -1,6 +1,6 @@
 """Reading checkpoints: config.json, safetensors weights (local or from the hub), tokenizer and chat template."""
 
 from .files import CheckpointError, resolve_checkpoint
-from .loader import load_target, parse_device, parse_dtype
+from .loader import load_drafter, load_target, parse_device, parse_dtype
 
-__all__ = ["CheckpointError", "load_target", "parse_device", "parse_dtype", "resolve_checkpoint"]
+__all__ = ["CheckpointError", "load_drafter", "load_target", "parse_device", "parse_dtype", "resolve_checkpoint"]

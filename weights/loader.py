@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from drafter import Drafter, DrafterConfig, check_compatible
 from gemma4 import ConfigError, Gemma4Config, Gemma4Model
 
 from .files import CheckpointError, TensorStore, read_json, read_optional_json, resolve_checkpoint
@@ -133,3 +134,25 @@ def finish(model: nn.Module, folder: Path) -> nn.Module:
     model.checkpoint_dir = folder
     model.generation_config = read_optional_json(folder / "generation_config.json")
     return model
+
+
+def load_drafter(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    target: Gemma4Model | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> Drafter:
+    """Load a Gemma 4 MTP drafter (`gemma4_assistant`). With `target`, first check that the pair fits
+    (IncompatibleDrafterError names the mismatch). Keys map one to one; the tied lm_head is not stored."""
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision)
+    config = parse_config(folder, DrafterConfig.from_dict)
+    if target is not None:
+        check_compatible(config, target.config)
+    store = TensorStore(folder)
+    model = build_empty(Drafter, config, dtype, device)
+    fill(model, store, {name: name for name in model.state_dict()},
+         lambda key: key == "lm_head.weight" and config.tie_word_embeddings)
+    return finish(model, folder)
