@@ -1,0 +1,47 @@
+"""Session fixtures: tiny random transformers models saved as checkpoints once, and our models loaded from them."""
+
+import functools
+
+import pytest
+import torch
+
+from tests import tiny
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(family) -> folder of a saved tiny target (built once per session)."""
+
+    @functools.cache
+    def make(family: str):
+        return tiny.save(tiny.build_target(family, seed=0), tmp_path_factory.mktemp(f"target-{family}"))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def drafter_checkpoint(tmp_path_factory):
+    """drafter_checkpoint(kind) -> folder of a saved tiny drafter."""
+
+    @functools.cache
+    def make(kind: str):
+        return tiny.save(tiny.build_drafter(kind, seed=1), tmp_path_factory.mktemp(f"drafter-{kind}"))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def target_pair(checkpoint):
+    """target_pair(family) -> (transformers model, our model loaded from the same checkpoint)."""
+    from transformers import Gemma4ForCausalLM
+
+    from weights import load_target
+
+    @functools.cache
+    def make(family: str):
+        folder = checkpoint(family)
+        return Gemma4ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval(), load_target(folder)
+
+    return make

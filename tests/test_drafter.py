@@ -1,0 +1,115 @@
+"""Drafter parity with transformers' Gemma4AssistantForCausalLM (fp32), given the same target K/V and hidden state.
+
+Oracle inputs: a transformers forward of the target over the accepted tokens returns `shared_kv_states` (K/V of
+every position, no cache) and the post-norm hidden states; our drafter reads the same positions through our
+cache's clean views, after the cache has been through verify-and-rollback cycles."""
+
+import functools
+
+import pytest
+import torch
+
+from tests import tiny
+from weights import load_drafter, load_target
+
+TOL = 1e-4
+PAIRS = list(tiny.PAIRS.items())
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint, drafter_checkpoint):
+    from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+    @functools.cache
+    def make(family, kind):
+        t, d = checkpoint(family), drafter_checkpoint(kind)
+        hf_t = Gemma4ForCausalLM.from_pretrained(t, attn_implementation="eager").eval()
+        hf_d = Gemma4AssistantForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+        ours_t = load_target(t)
+        return hf_t, hf_d, ours_t, load_drafter(d, target=ours_t)
+
+    return make
+
+
+def _cache_after_rollbacks(target, drafter, ids):
+    """A cache holding ids[:, :p] that got there through verify passes with rejected tokens rolled back."""
+    gen = torch.Generator().manual_seed(0)
+    cache = target.new_cache(max_length=8, max_rollback=6, min_sliding_history=drafter.sliding_history)
+    target(ids[:, :2], cache)
+    while cache.length < ids.shape[1]:
+        n = min(int(torch.randint(1, 5, (1,), generator=gen)), ids.shape[1] - cache.length)
+        junk = torch.randint(0, 512, (1, int(torch.randint(0, 3, (1,), generator=gen))), generator=gen)
+        target(torch.cat([ids[:, cache.length : cache.length + n], junk], 1), cache)
+        cache.rollback(junk.shape[1])
+    return cache
+
+
+@pytest.mark.parametrize("family,kind", PAIRS)
+@pytest.mark.parametrize("p", [3, 7, 30])  # before, at and well past the sliding window (W = 8)
+def test_draft_steps_match_transformers(family, kind, p, pair):
+    hf_t, hf_d, target, drafter = pair(family, kind)
+    ids = torch.randint(0, 512, (1, p + 1), generator=torch.Generator().manual_seed(p))
+    with torch.no_grad():
+        ref = hf_t(ids[:, :p], return_shared_kv_states=True, output_hidden_states=True)
+        cache = _cache_after_rollbacks(target, drafter, ids[:, :p])
+        views = cache.views()
+        h_ref = h = target(ids[:, :p]).hidden_states[:, -1:]
+        torch.testing.assert_close(h, ref.hidden_states[-1][:, -1:], atol=TOL, rtol=0)
+        tok_ref = tok = ids[:, p:]
+        for step in range(4):  # chained draft steps at the constant position p
+            emb = hf_t.get_input_embeddings()(tok_ref)
+            want = hf_d(inputs_embeds=torch.cat([emb, h_ref], -1), position_ids=torch.tensor([[p]]),
+                        shared_kv_states=ref.shared_kv_states)
+            got = drafter.step(target, tok, h, p, views)
+            finite = torch.isfinite(got.logits)
+            if drafter.config.use_ordered_embeddings:
+                # the same tokens are selected; transformers fills the rest with min - 1 instead of -inf
+                assert torch.equal(finite, want.logits > want.logits.min())
+            assert want.logits.abs().max() > 0.5
+            torch.testing.assert_close(got.logits[finite], want.logits[finite], atol=TOL, rtol=0)
+            torch.testing.assert_close(got.hidden, want.last_hidden_state, atol=TOL, rtol=0)
+            assert torch.equal(got.logits.argmax(-1), want.logits.argmax(-1))
+            tok, h = got.logits.argmax(-1), got.hidden
+            tok_ref, h_ref = want.logits.argmax(-1), want.last_hidden_state
+
+
+@pytest.mark.parametrize("family", list(tiny.TARGET_CONFIGS))
+def test_cache_views_hold_the_accepted_kv(family, pair):
+    """views(): full type = K/V of positions [0, p) exactly; sliding type = at least the last W_a + 1 of them,
+    each at its recorded position, and nothing at or after p."""
+    hf_t, _, target, drafter = pair(family, tiny.PAIRS[family])
+    p = 27
+    ids = torch.randint(0, 512, (1, p), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf_t(ids, return_shared_kv_states=True).shared_kv_states
+        views = _cache_after_rollbacks(target, drafter, ids).views()
+    full = views["full_attention"]
+    torch.testing.assert_close(full.k, ref["full_attention"][0], atol=TOL, rtol=0)
+    torch.testing.assert_close(full.v, ref["full_attention"][1], atol=TOL, rtol=0)
+    sliding = views["sliding_attention"]
+    held = sliding.positions[sliding.positions >= 0]
+    assert held.max() == p - 1 and set(range(p - drafter.sliding_history, p)) <= set(held.tolist())
+    for slot in torch.nonzero(sliding.positions >= 0).flatten().tolist():
+        pos = int(sliding.positions[slot])
+        torch.testing.assert_close(sliding.k[:, :, slot], ref["sliding_attention"][0][:, :, pos], atol=TOL, rtol=0)
+        torch.testing.assert_close(sliding.v[:, :, slot], ref["sliding_attention"][1][:, :, pos], atol=TOL, rtol=0)
+
+
+def test_masked_head_gives_zero_probability_outside_selected_clusters(pair):
+    _, _, target, drafter = pair("31b", "ordered")
+    assert drafter.config.use_ordered_embeddings
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, drafter.config.text.hidden_size)
+    logits = drafter.head(h)
+    probs = torch.softmax(logits.float(), dim=-1)
+    head = drafter.masked_embedding
+    top = torch.topk(head.centroids(h), head.top_k, dim=-1).indices
+    clusters = head.token_ordering.view(head.num_centroids, -1)
+    allowed = torch.zeros_like(probs, dtype=torch.bool)
+    allowed.scatter_(-1, clusters[top].flatten(-2), True)
+    vocab_per_cluster = clusters.shape[1]
+    assert allowed.sum(-1).eq(head.top_k * vocab_per_cluster).all()
+    assert probs[~allowed].eq(0).all() and torch.isneginf(logits[~allowed]).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3))
+    full = h @ drafter.model.embed_tokens.weight.T  # inside the clusters, the logits are the plain head's
+    torch.testing.assert_close(logits[allowed], full[allowed])

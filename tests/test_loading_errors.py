@@ -1,0 +1,130 @@
+"""Every way a checkpoint can be wrong gives an error whose message names the problem, never random weights."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from weights import CheckpointError, load_drafter, load_target
+
+
+@pytest.fixture
+def copy_of(checkpoint, tmp_path):
+    def make(family="e2b"):
+        dst = tmp_path / "ckpt"
+        shutil.copytree(checkpoint(family), dst)
+        return dst
+
+    return make
+
+
+def test_path_not_found(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_target(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="not a hub repo id"):
+        load_target("./definitely/not/here")
+
+
+def test_no_config_json(copy_of):
+    folder = copy_of()
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        load_target(folder)
+
+
+def test_unknown_model_type(copy_of):
+    folder = copy_of()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown model_type 'llama'"):
+        load_target(folder)
+
+
+def test_config_with_impossible_sizes(copy_of):
+    folder = copy_of()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_attention_heads"] = 3
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not a multiple"):
+        load_target(folder)
+
+
+def _rewrite(folder: Path, edit):
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_tensor(copy_of):
+    folder = copy_of()
+    _rewrite(folder, lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.2\.mlp\.up_proj\.weight'"):
+        load_target(folder)
+
+
+def test_wrong_shape(copy_of):
+    folder = copy_of()
+    _rewrite(folder, lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:10]}))
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has shape \[10\], expected \[64\]"):
+        load_target(folder)
+
+
+def test_truncated_safetensors(copy_of):
+    folder = copy_of()
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is not a valid safetensors file"):
+        load_target(folder)
+
+
+def test_pickle_only_checkpoint_is_refused(copy_of):
+    folder = copy_of()
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_target(folder)
+
+
+def test_shard_index_escaping_the_folder(copy_of):
+    folder = copy_of()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "../evil.safetensors"}})
+    )
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        load_target(folder)
+
+
+def test_incompatible_drafter(checkpoint, drafter_checkpoint):
+    target = load_target(checkpoint("31b"))
+    with pytest.raises(ValueError, match="drafter does not fit the target"):
+        load_drafter(drafter_checkpoint("e2b"), target=target)
+
+
+def test_hub_repo_id_offline(checkpoint, tmp_path):
+    """A repo id goes through huggingface_hub: served from a populated HF_HOME cache offline, and a clear error
+    for a repo that is neither local nor cached."""
+    snapshot = tmp_path / "hub" / "models--tiny-org--gemma4-e2b" / "snapshots" / ("a" * 40)
+    shutil.copytree(checkpoint("e2b"), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    code = (
+        "import sys\n"
+        "from weights import load_target, CheckpointError\n"
+        "m = load_target('tiny-org/gemma4-e2b')\n"
+        "print('loaded', m.config.num_hidden_layers)\n"
+        "try:\n    load_target('tiny-org/not-cached')\nexcept CheckpointError as e:\n    print('error:', e)\n"
+    )
+    env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "loaded 8" in out.stdout
+    assert "error: cannot fetch 'tiny-org/not-cached'" in out.stdout
