@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gemma4 import FULL, KVView, RMSNorm
-from gemma4.layers import rope_cos_sin
+from gemma4.layers import Linear, linear, rope_cos_sin
 from gemma4.model import DecoderLayer
 
 from .config import DrafterConfig
@@ -43,7 +43,7 @@ class MaskedEmbedding(nn.Module):
         text = config.text
         self.top_k = config.centroid_intermediate_top_k
         self.num_centroids = config.num_centroids
-        self.centroids = nn.Linear(text.hidden_size, config.num_centroids, bias=False)
+        self.centroids = Linear(text.hidden_size, config.num_centroids, bias=False)
         self.register_buffer("token_ordering", torch.zeros(text.vocab_size, dtype=torch.long))
 
     def forward(self, h: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
@@ -64,14 +64,14 @@ class Drafter(nn.Module):
         super().__init__()
         self.config = config
         text = config.text
-        self.pre_projection = nn.Linear(2 * config.backbone_hidden_size, text.hidden_size, bias=False)
-        self.post_projection = nn.Linear(text.hidden_size, config.backbone_hidden_size, bias=False)
+        self.pre_projection = Linear(2 * config.backbone_hidden_size, text.hidden_size, bias=False)
+        self.post_projection = Linear(text.hidden_size, config.backbone_hidden_size, bias=False)
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size)  # used only as the tied head
         self.model.layers = nn.ModuleList(DecoderLayer(text, spec) for spec in text.layers)
         self.model.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+            self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)
         if config.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedding(config)
 
@@ -106,7 +106,7 @@ class Drafter(nn.Module):
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         if self.config.use_ordered_embeddings:
             return self.masked_embedding(h, weight)
-        return h @ weight.T
+        return linear(h, weight)
 
     def _mask(self, attention_type: str, key_positions: torch.Tensor, position: int) -> torch.Tensor:
         """[1, T] bool. Full layers see every accepted position; sliding layers the last W_a + 1 of them."""

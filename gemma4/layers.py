@@ -30,6 +30,31 @@ class RMSNorm(nn.Module):
         return y.type_as(x)
 
 
+# Below this many tokens, CPU matrix products run weight-first (see `linear`).
+_FEW_TOKENS = 32
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias), x: [..., in], weight: [out, in].
+
+    For a few tokens on CPU it computes (weight @ x^T)^T instead: BLAS picks a much slower kernel for x @ W^T when
+    x has few rows and W many (2-4x at 4 rows on the E2B shapes), and decode and verification are exactly that
+    case. Same products, summed in another order: equal within float rounding."""
+    if x.device.type != "cpu" or x.numel() > _FEW_TOKENS * x.shape[-1]:
+        return F.linear(x, weight, bias)
+    y = torch.mm(weight, x.reshape(-1, x.shape[-1]).T).T.contiguous()  # [T, out]
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (the fast path for decode and verification)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -75,14 +100,14 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = spec
         heads, d, hidden, bias = config.num_attention_heads, spec.head_dim, config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, heads * d, bias=bias)
+        self.q_proj = Linear(hidden, heads * d, bias=bias)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
-        self.o_proj = nn.Linear(heads * d, hidden, bias=bias)
+        self.o_proj = Linear(heads * d, hidden, bias=bias)
         if spec.kv_mode != "reuse":
-            self.k_proj = nn.Linear(hidden, spec.num_kv_heads * d, bias=bias)
+            self.k_proj = Linear(hidden, spec.num_kv_heads * d, bias=bias)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
             self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
-            self.v_proj = nn.Linear(hidden, spec.num_kv_heads * d, bias=bias) if spec.has_v_proj else None
+            self.v_proj = Linear(hidden, spec.num_kv_heads * d, bias=bias) if spec.has_v_proj else None
 
     def forward(self, x, cos, sin, mask, cache, shared: dict) -> torch.Tensor:
         B, S, _ = x.shape  # x: [B, S, H]
@@ -109,9 +134,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_proj = Linear(hidden, width, bias=False)
+        self.up_proj = Linear(hidden, width, bias=False)
+        self.down_proj = Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))

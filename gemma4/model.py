@@ -15,7 +15,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import Gemma4Config, LayerSpec
-from .layers import MLP, Attention, RMSNorm, gelu_tanh, rope_cos_sin
+from .layers import MLP, Attention, Linear, RMSNorm, gelu_tanh, linear, rope_cos_sin
 from .moe import Experts, Router
 
 
@@ -41,8 +41,8 @@ class DecoderLayer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
         self.uses_ple = config.uses_ple
         if self.uses_ple:
-            self.per_layer_input_gate = nn.Linear(hidden, config.hidden_size_per_layer_input, bias=False)
-            self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, hidden, bias=False)
+            self.per_layer_input_gate = Linear(hidden, config.hidden_size_per_layer_input, bias=False)
+            self.per_layer_projection = Linear(config.hidden_size_per_layer_input, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
         self.uses_moe = config.enable_moe_block
         if self.uses_moe:
@@ -79,11 +79,11 @@ class Gemma4Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+            self.lm_head = Linear(hidden, config.vocab_size, bias=False)
         if config.uses_ple:
             layers, per_layer = config.num_hidden_layers, config.hidden_size_per_layer_input
             self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, layers * per_layer)
-            self.per_layer_model_projection = nn.Linear(hidden, layers * per_layer, bias=False)
+            self.per_layer_model_projection = Linear(hidden, layers * per_layer, bias=False)
             self.per_layer_projection_norm = RMSNorm(per_layer, config.rms_norm_eps)
 
     @property
@@ -137,7 +137,7 @@ class Gemma4Model(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied (or separate) output projection, then final logit softcapping c * tanh(logits / c)."""
         weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = h @ weight.T
+        logits = linear(h, weight)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import Gemma4Config
-from .layers import RMSNorm, gelu_tanh
+from .layers import Linear, RMSNorm, gelu_tanh, linear
 
 
 class Router(nn.Module):
@@ -19,7 +19,7 @@ class Router(nn.Module):
         super().__init__()
         self.top_k = config.top_k_experts
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
-        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.proj = Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(config.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
         self.root_size = config.hidden_size**-0.5
@@ -47,7 +47,7 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         for e in experts.unique().tolist():
             token, slot = torch.where(experts == e)
-            gate, up = torch.nn.functional.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = torch.nn.functional.linear(gelu_tanh(gate) * up, self.down_proj[e])  # [n, H]
+            gate, up = linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = linear(gelu_tanh(gate) * up, self.down_proj[e])  # [n, H]
             out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
         return out
