@@ -26,8 +26,8 @@ from .config import DrafterConfig
 
 @dataclass
 class DraftOutput:
-    logits: torch.Tensor  # [B, 1, V]; -inf outside the selected clusters of a centroid-masked head
-    hidden: torch.Tensor  # [B, 1, H_t]
+    logits: torch.Tensor  # [B, S, V]; -inf outside the selected clusters of a centroid-masked head
+    hidden: torch.Tensor  # [B, S, H_t]
 
 
 class MaskedEmbedding(nn.Module):
@@ -85,12 +85,14 @@ class Drafter(nn.Module):
         post-norm hidden state for the first step of a round, the drafter's own `hidden` after that."""
         return self(torch.cat([target.embed(token), hidden], dim=-1), position, views)
 
-    def forward(self, inputs_embeds: torch.Tensor, position: int, views: dict[str, KVView]) -> DraftOutput:
-        """inputs_embeds: [B, 1, 2 H_t]; `views` holds the target's K/V of positions < `position`."""
+    def forward(self, inputs_embeds: torch.Tensor, position: int | torch.Tensor,
+                views: dict[str, KVView]) -> DraftOutput:
+        """inputs_embeds: [B, S, 2 H_t], one query per row; `position`: an int (decoding: S = 1) or [S] positions
+        (training: every position of a sequence at once). Query i reads the target K/V of positions < position[i]."""
         text = self.config.text
-        x = self.pre_projection(inputs_embeds)  # [B, 1, H_a]
-        positions = torch.tensor([position], device=x.device)
-        masks = {t: self._mask(t, view.positions, position) for t, view in views.items()}
+        x = self.pre_projection(inputs_embeds)  # [B, S, H_a]
+        positions = torch.as_tensor(position, device=x.device).reshape(-1)  # [S]
+        masks = {t: self._mask(t, view.positions, positions) for t, view in views.items()}
         shared = {t: (view.k, view.v) for t, view in views.items()}
         rope = {
             t: rope_cos_sin(positions, text.rope[t], head_dim, x.dtype)
@@ -99,7 +101,7 @@ class Drafter(nn.Module):
         for spec, layer in zip(text.layers, self.model.layers):
             t = spec.attention_type
             x = layer(x, *rope[t], masks[t], None, shared)
-        h = self.model.norm(x)  # [B, 1, H_a]
+        h = self.model.norm(x)  # [B, S, H_a]
         return DraftOutput(self.head(h), self.post_projection(h))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -108,9 +110,10 @@ class Drafter(nn.Module):
             return self.masked_embedding(h, weight)
         return linear(h, weight)
 
-    def _mask(self, attention_type: str, key_positions: torch.Tensor, position: int) -> torch.Tensor:
-        """[1, T] bool. Full layers see every accepted position; sliding layers the last W_a + 1 of them."""
-        visible = (key_positions >= 0) & (key_positions < position)
+    def _mask(self, attention_type: str, key_positions: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[S, T] bool. Full layers see every accepted position; sliding layers the last W_a + 1 of them."""
+        keys, queries = key_positions[None, :], positions[:, None]
+        visible = (keys >= 0) & (keys < queries)
         if attention_type != FULL:
-            visible &= key_positions >= position - self.config.sliding_history
-        return visible[None, :]
+            visible &= keys >= queries - self.config.sliding_history
+        return visible
