@@ -116,3 +116,46 @@ def test_masked_head_gives_zero_probability_outside_selected_clusters(pair):
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3))
     full = h @ drafter.model.embed_tokens.weight.T  # inside the clusters, the logits are the plain head's
     torch.testing.assert_close(logits[allowed], full[allowed])
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(backbone_hidden_size=48), "backbone_hidden_size=48 but target hidden_size=64"),
+        (dict(text_config=dict(vocab_size=256)), "drafter vocab_size=256 but target vocab_size=512"),
+        (dict(text_config=dict(head_dim=8)), "sliding_attention: drafter head_dim=8 but target head_dim=16"),
+        (dict(text_config=dict(num_key_value_heads=2, num_attention_heads=4)),
+         "sliding_attention: drafter expects 2 KV heads but target has 1"),
+        (dict(text_config=dict(global_head_dim=64)), "full_attention: drafter head_dim=64 but target head_dim=32"),
+    ],
+)
+def test_compatibility_check_names_the_mismatch(change, message):
+    from drafter import DrafterConfig, IncompatibleDrafterError, check_compatible
+    from gemma4 import Gemma4Config
+
+    target = Gemma4Config.from_dict({"model_type": "gemma4_text", **tiny.TARGET_CONFIGS["e2b"]})
+    raw = {"model_type": "gemma4_assistant", **tiny.DRAFTER_CONFIGS["e2b"]}
+    raw.update({k: v for k, v in change.items() if k != "text_config"})
+    raw["text_config"] = {**raw["text_config"], **change.get("text_config", {})}
+    check_compatible(DrafterConfig.from_dict({"model_type": "gemma4_assistant", **tiny.DRAFTER_CONFIGS["e2b"]}), target)
+    with pytest.raises(IncompatibleDrafterError, match=message):
+        check_compatible(DrafterConfig.from_dict(raw), target)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(model_type="gemma4_text"), "model_type 'gemma4_assistant'"),
+        (dict(num_centroids=7), "not divisible by num_centroids=7"),
+        (dict(text_config=dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=512)), "no per-layer embeddings"),
+    ],
+)
+def test_invalid_drafter_configs_are_refused(change, message):
+    from drafter import DrafterConfig
+    from gemma4 import ConfigError
+
+    raw = {"model_type": "gemma4_assistant", **tiny.DRAFTER_CONFIGS["ordered"]}
+    raw.update({k: v for k, v in change.items() if k != "text_config"})
+    raw["text_config"] = {**raw["text_config"], **change.get("text_config", {})}
+    with pytest.raises(ConfigError, match=message):
+        DrafterConfig.from_dict(raw)
