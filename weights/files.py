@@ -8,8 +8,10 @@ safetensors' memory map; pickle files (`.bin`, `.pt`, `.pth`) are refused, never
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -22,6 +24,11 @@ HUB_ALLOW_PATTERNS = [
 ]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_CHUNK_BYTES = 64 << 20  # staging buffer when a tensor needs a dtype conversion or another device
 
 
 class CheckpointError(ValueError):
@@ -79,6 +86,7 @@ class TensorStore:
         self.folder = folder
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         index = folder / "model.safetensors.index.json"
         if index.exists():
             weight_map = read_json(index).get("weight_map")
@@ -121,6 +129,46 @@ class TensorStore:
 
     def get(self, key: str) -> torch.Tensor:
         return self._read(key, lambda h: h.get_tensor(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entry(key)[1]
+
+    def read_into(self, key: str, target: torch.Tensor) -> None:
+        """Copy tensor `key` into `target` (same shape; any dtype and device) with plain file reads, straight
+        into target's memory when dtype and device match, else through a 64 MB staging buffer. Never maps or holds
+        a whole second copy: loading peaks near one copy of the weights even for the 4 GB per-layer-embedding
+        table of E2B."""
+        file, dtype, start, end = self._entry(key)
+        numel = math.prod(target.shape)
+        if end - start != numel * dtype.itemsize:
+            raise CheckpointError(f"{file}: tensor {key!r} holds {end - start} bytes, its shape needs "
+                                  f"{numel * dtype.itemsize}")
+        flat = target.view(-1)
+        direct = target.dtype == dtype and target.device.type == "cpu" and target.is_contiguous()
+        step = numel if direct else max(1, _CHUNK_BYTES // dtype.itemsize)
+        with open(file, "rb") as f:
+            f.seek(start)
+            for i in range(0, numel, step):
+                part = flat[i : i + step] if direct else torch.empty(min(step, numel - i), dtype=dtype)
+                view = memoryview(part.view(torch.uint8).numpy()) if part.numel() else memoryview(b"")
+                if f.readinto(view) != len(view):
+                    raise CheckpointError(f"{file}: tensor {key!r} is cut short (truncated file?)")
+                if not direct:
+                    flat[i : i + part.numel()].copy_(part)
+
+    def _entry(self, key: str) -> tuple[Path, torch.dtype, int, int]:
+        """(file, dtype, absolute start, absolute end) of a tensor's bytes, from the file's header."""
+        file = self._file_of[key]
+        if file not in self._headers:
+            with open(file, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                self._headers[file] = (8 + size, json.loads(f.read(size)))  # safe_open already validated it
+        base, header = self._headers[file]
+        info = header[key]
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        return file, _DTYPES[info["dtype"]], base + start, base + end
 
     def _read(self, key, fn):
         file = self._file_of[key]

@@ -123,10 +123,9 @@ def fill(model: nn.Module, store: TensorStore, key_of: dict[str, str], ignored) 
             raise CheckpointError(
                 f"{store.folder}: tensor {key!r} has shape {list(shape)}, expected {list(target.shape)}"
             )
-        tensor = store.get(key)
-        if tensor.is_floating_point() != target.is_floating_point():
-            raise CheckpointError(f"{store.folder}: tensor {key!r} has dtype {tensor.dtype}, expected {target.dtype}")
-        target.copy_(tensor)  # converts dtype; one source tensor alive at a time
+        if store.dtype(key).is_floating_point != target.is_floating_point():
+            raise CheckpointError(f"{store.folder}: tensor {key!r} has dtype {store.dtype(key)}, expected {target.dtype}")
+        store.read_into(key, target)  # converts dtype; never a second full copy
 
 
 def finish(model: nn.Module, folder: Path) -> nn.Module:
