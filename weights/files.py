@@ -128,6 +128,7 @@ class TensorStore:
         return tuple(self._read(key, lambda h: h.get_slice(key).get_shape()))
 
     def get(self, key: str) -> torch.Tensor:
+        """The whole tensor, as stored (for small tensors and tools; loading uses `read_into`)."""
         return self._read(key, lambda h: h.get_tensor(key))
 
     def dtype(self, key: str) -> torch.dtype:
