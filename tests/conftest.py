@@ -7,7 +7,7 @@ import torch
 
 from tests import tiny
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads only add contention
 
 
 @pytest.fixture(scope="session")
