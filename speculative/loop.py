@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import sampling
-from .options import check_drafter_vocab, check_options, first_num_draft_tokens, prompt_ids, stop_tokens
+from .options import check_drafter, check_options, first_num_draft_tokens, prompt_ids, stop_tokens
 from .sampling import Sampler, accept_greedy, accept_sampled
 from .schedule import max_num_draft_tokens, next_num_draft_tokens
 from .stats import GenerationResult, GenerationStats, RoundInfo, Stopwatch
@@ -39,7 +39,7 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
                   max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, schedule=schedule,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if drafter is not None:
-        check_drafter_vocab(drafter, config.vocab_size)
+        check_drafter(drafter, target)
     stops = stop_tokens(target, stop_token_ids)
     sampler = Sampler(float(temperature), top_k, top_p)
     k = first_num_draft_tokens(drafter, num_draft_tokens) if drafter is not None else 0
@@ -50,8 +50,10 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
     stats = GenerationStats(prompt_tokens=len(prompt))
     watch = Stopwatch(target.device)
 
-    token, h = prefill(target, cache, prompt, sampler, generator)
-    out = [token.item()]
+    token, h, finite = prefill(target, cache, prompt, sampler, generator)
+    first, finite = torch.cat([token.view(1), finite.view(1)]).tolist()
+    check_finite(finite, len(prompt) - 1)
+    out = [first]
     stats.target_forward_passes += 1
     stats.prefill_seconds = watch.lap()
     _report(on_round, RoundInfo(drafted=[], accepted=0, bonus=out[0], emitted=list(out)))
@@ -62,7 +64,9 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
         drafts, q = draft(drafter, target, token, h, cache, k_round, sampler, generator)
         logits, hidden = verify(target, cache, token, drafts)
         n, bonus = accept(sampler, logits, drafts, q, generator)
-        *drafted, n_accepted, bonus_id = torch.cat([drafts, n.view(1), bonus.view(1)]).tolist()  # the host sync
+        *drafted, n_accepted, bonus_id, finite = torch.cat(  # the host sync
+            [drafts, n.view(1), bonus.view(1), torch.isfinite(logits).all().view(1)]).tolist()
+        check_finite(finite, len(prompt) + len(out) - 1)
         emitted = cut(drafted[:n_accepted] + [bonus_id], stops, max_new_tokens - len(out))
         token, h = commit(cache, hidden, bonus, k_round, n_accepted)
         out += emitted
@@ -74,13 +78,14 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
     return GenerationResult(tokens=out, stats=stats)
 
 
-def prefill(target, cache, prompt: list[int], sampler: Sampler, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill(target, cache, prompt: list[int], sampler: Sampler, generator):
     """Run the whole prompt (logits of the last row only) and choose the first new token.
-    Returns token [1, 1] and h [1, 1, H] (hidden state at the prompt's last position)."""
+    Returns token [1, 1], h [1, 1, H] (hidden state at the prompt's last position) and whether the logits were
+    finite (a 0-d bool, checked with the caller's host sync)."""
     ids = torch.tensor([prompt], dtype=torch.long, device=target.device)  # [1, P]
     result = target(ids, cache, logits_to_keep=1)
     token = sampler.choose(result.logits[:, -1], generator)  # [1]
-    return token.view(1, 1), result.hidden_states[:, -1:]
+    return token.view(1, 1), result.hidden_states[:, -1:], torch.isfinite(result.logits).all()
 
 
 def draft(drafter, target, token, h, cache, k: int, sampler: Sampler, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +124,18 @@ def accept(sampler: Sampler, logits, drafts, q, generator) -> tuple[torch.Tensor
     if sampler.greedy:
         return accept_greedy(logits, drafts)
     return accept_sampled(sampler.probs(logits), q, drafts, generator)  # p: [k+1, V]
+
+
+class NumericalError(RuntimeError):
+    """The target produced NaN or infinite logits: generation stops instead of emitting garbage."""
+
+
+def check_finite(finite: bool, position: int) -> None:
+    if not finite:
+        raise NumericalError(
+            f"the target's logits at position {position} contain NaN or inf; the weights are broken or the dtype "
+            "overflowed (float16 overflows where bfloat16 and float32 do not)"
+        )
 
 
 def cut(block: list[int], stops: frozenset[int], room: int) -> list[int]:

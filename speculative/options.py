@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from drafter import DrafterConfig, check_compatible
+
 from .schedule import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, SCHEDULES
 
 
@@ -64,9 +66,13 @@ def check_options(*, prompt_len: int, max_positions: int, max_new_tokens, num_dr
         raise ValueError(f"seed must be an integer or None, got {seed!r}")
 
 
-def check_drafter_vocab(drafter, vocab_size: int) -> None:
-    """The drafter proposes token ids the target verifies: both must index the same vocabulary."""
+def check_drafter(drafter, target) -> None:
+    """A real drafter must fit the target (check_compatible names the mismatch); any drafter, stubs included,
+    proposes token ids the target verifies, so both must index the same vocabulary."""
     config = getattr(drafter, "config", None)
+    if isinstance(config, DrafterConfig):
+        check_compatible(config, target.config)
+    vocab_size = target.config.vocab_size
     for source in (config, getattr(config, "text", None)):  # Drafter keeps it on config.text
         found = getattr(source, "vocab_size", None)
         if found is not None:

@@ -364,3 +364,32 @@ def test_real_drafter_vocabulary_is_checked():
     cfg.text.vocab_size = 256
     with pytest.raises(ValueError, match="vocab_size=256"):
         generate(target_for("31b"), SimpleNamespace(config=cfg, sliding_history=9), PROMPT, max_new_tokens=4)
+
+
+def test_nan_logits_stop_generation_with_a_clear_error():
+    """A NaN that appears mid-generation (a token whose per-layer embedding is NaN; its main embedding is also the
+    tied head, which would poison every logit row at once) raises instead of emitting garbage."""
+    from speculative import NumericalError
+
+    target = target_for("e2b")
+    clean = generate(target, None, PROMPT, max_new_tokens=3).tokens
+    broken = Gemma4Model(target.config).eval()
+    broken.load_state_dict(target.state_dict())
+    with torch.no_grad():
+        broken.embed_tokens_per_layer.weight[clean[0]] = float("nan")
+    with pytest.raises(NumericalError, match=f"logits at position {len(PROMPT)} contain NaN or inf"):
+        generate(broken, None, PROMPT, max_new_tokens=3)
+    with torch.no_grad():
+        broken.embed_tokens_per_layer.weight[PROMPT[0]] = float("nan")
+    with pytest.raises(NumericalError, match=f"position {len(PROMPT) - 1}"):
+        generate(broken, None, PROMPT, max_new_tokens=3)
+
+
+def test_incompatible_drafter_is_refused_by_generate(checkpoint, drafter_checkpoint):
+    from drafter import IncompatibleDrafterError
+    from weights import load_drafter, load_target
+
+    target = load_target(checkpoint("31b"))
+    drafter = load_drafter(drafter_checkpoint("e2b"))  # built for the E2B-like target
+    with pytest.raises(IncompatibleDrafterError, match="drafter does not fit the target"):
+        generate(target, drafter, PROMPT, max_new_tokens=4)
