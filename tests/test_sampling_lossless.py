@@ -179,7 +179,7 @@ def test_draft_returns_the_processed_q_its_drafts_were_drawn_from(target):
     processing = dict(temperature=2.0, top_k=4, top_p=0.85)
     sampler, gen = Sampler(**processing), torch.Generator().manual_seed(0)
     cache = target.new_cache(max_length=16, max_rollback=4, min_sliding_history=9)
-    token, h = prefill(target, cache, PROMPT, sampler, gen)
+    token, h, _ = prefill(target, cache, PROMPT, sampler, gen)
     drafter = TableDrafter(favour=[0, 2, 6, 7])
     drafts, q = draft(drafter, target, token, h, cache, 3, sampler, gen)  # [3], [3, V]
     inputs = [int(token)] + drafts[:-1].tolist()  # what each step read
