@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from drafter import Drafter, DrafterConfig, check_compatible
-from gemma4 import ConfigError, Gemma4Config, Gemma4Model
+from gemma4 import Gemma4Config, Gemma4Model
 
 from .files import CheckpointError, TensorStore, read_json, read_optional_json, resolve_checkpoint
 
@@ -85,9 +85,10 @@ def load_target(
 
 def parse_config(folder: Path, parse):
     path = folder / "config.json"
+    raw = read_json(path)
     try:
-        return parse(read_json(path))
-    except (ConfigError, TypeError) as e:
+        return parse(raw)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # ConfigError is a ValueError
         raise CheckpointError(f"{path}: {e}") from None
 
 
