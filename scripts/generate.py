@@ -141,6 +141,7 @@ class Printer:
         self.stream = tokenizer.stream() if tokenizer is not None else None
         self.color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         self.tokens: list[int] = []
+        self.rounds: list[tuple[int, int]] = []  # [drafted, accepted] of every drafting round so far
 
     def piece(self, token: int) -> str:
         return repr(self.tokenizer.decode([token]))[1:-1] if self.tokenizer is not None else f"<{token}>"
@@ -150,6 +151,8 @@ class Printer:
 
     def __call__(self, info) -> None:
         self.tokens += info.emitted
+        if info.drafted:
+            self.rounds.append((len(info.drafted), info.accepted))
         if self.show_drafts:
             shown = [self.mark(self.piece(t), self.GREEN, "+") for t in info.drafted[: info.accepted]]
             shown += [self.mark(self.piece(t), self.RED, "-") for t in info.drafted[info.accepted :]]
@@ -168,12 +171,36 @@ class Printer:
             print(self.stream.flush() if self.stream is not None else "", flush=True)
 
 
+class Interrupted(Exception):
+    """Ctrl-C during generation, carrying what the printer saw so far."""
+
+    def __init__(self, printer: "Printer"):
+        self.printer = printer
+
+
 def run_once(target, drafter, ids, args, options, tokenizer, quiet):
     printer = Printer(tokenizer, args.show_drafts and drafter is not None, quiet)
-    result = generate(target, drafter, ids, max_new_tokens=args.max_new_tokens,
-                      num_draft_tokens=args.num_draft_tokens, schedule=args.schedule, on_round=printer, **options)
+    try:
+        result = generate(target, drafter, ids, max_new_tokens=args.max_new_tokens,
+                          num_draft_tokens=args.num_draft_tokens, schedule=args.schedule, on_round=printer, **options)
+    except KeyboardInterrupt:
+        printer.finish()
+        raise Interrupted(printer) from None
     printer.finish()
     return result
+
+
+def report_interrupted(printer: "Printer", args) -> int:
+    """What Ctrl-C leaves: the tokens so far (already streamed) and the statistics of the rounds that finished."""
+    drafted = sum(d for d, _ in printer.rounds)
+    accepted = sum(a for _, a in printer.rounds)
+    rate = accepted / drafted if drafted else 0.0
+    log(f"interrupted: {len(printer.tokens)} tokens, {len(printer.rounds)} rounds, acceptance {100 * rate:.1f}%")
+    if args.json:
+        text = printer.tokenizer.decode(printer.tokens, skip_special_tokens=True) if printer.tokenizer else None
+        print(json.dumps({"tokens": printer.tokens, "text": text, "interrupted": True,
+                          "stats": {"rounds": [list(r) for r in printer.rounds], "acceptance_rate": rate}}))
+    return 130
 
 
 def summary(label: str, stats) -> str:
@@ -184,6 +211,13 @@ def summary(label: str, stats) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except Interrupted as e:
+        return report_interrupted(e.printer, args)
+
+
+def run(args) -> int:
     target, drafter = load_models(args)
     tokenizer = load_tokenizer(target.checkpoint_dir) if has_tokenizer(target.checkpoint_dir) else None
     ids = prompt_ids(args, target, tokenizer)

@@ -152,3 +152,22 @@ def test_offline_hub_id_without_cache_is_one_clear_line(tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "error: cannot fetch 'google/gemma-4-E2B-it'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ctrl_c_prints_what_was_generated_and_the_statistics(tmp_path):
+    import signal
+
+    target = tiny.save(tiny.build_target("e2b"), tmp_path / "t", eos_token_id=())  # no stop token: runs on
+    tiny.save(tiny.build_drafter("e2b"), tmp_path / "t-assistant")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), "--target", str(target),
+                             "--prompt-ids", "5,6,7", "--max-new-tokens", "100000", "--json", "--show-drafts"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shown = [proc.stdout.readline() for _ in range(4)]  # the prefill's token and three rounds
+    assert all(line.startswith("[") for line in shown)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted:" in err and "Traceback" not in err
+    report = last_json(out)
+    assert report["interrupted"] is True and len(report["tokens"]) >= 4
+    assert len(report["stats"]["rounds"]) >= 3
