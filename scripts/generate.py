@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Generate text with a Gemma 4 target, drafting with its MTP assistant (speculative decoding).
 
+    python scripts/generate.py                          # the bundled tiny pair (tiny_gemma4/), offline
     python scripts/generate.py --target google/gemma-4-E2B-it --prompt "Why is the sky blue?"
     python scripts/generate.py --target ./my-gemma --prompt "..." --compare        # speed-up vs target only
     python scripts/generate.py --target ./my-gemma --prompt "..." --show-drafts    # watch drafts being verified
@@ -30,6 +31,9 @@ from weights import (  # noqa: E402
     ChatTemplateError, CheckpointError, load_chat_template, load_drafter, load_target, load_tokenizer, render_chat,
 )
 
+BUNDLED_TARGET = Path(__file__).resolve().parents[1] / "tiny_gemma4" / "target"
+BUNDLED_DRAFTER = BUNDLED_TARGET.parent / "drafter"
+BUNDLED_PROMPT = 'def read_config(path):\n    """Read a JSON configuration file and return it as a dict."""\n'
 USER_ERRORS = (CheckpointError, ConfigError, IncompatibleDrafterError, ChatTemplateError, CacheError, ValueError,
                FileNotFoundError)
 
@@ -40,12 +44,14 @@ class UserError(Exception):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True, help="checkpoint folder or hub repo id of the Gemma 4 target")
+    p.add_argument("--target", help="checkpoint folder or hub repo id of the Gemma 4 target (default: the bundled "
+                   "tiny pair in tiny_gemma4/, trained on Python source: runs offline)")
     p.add_argument("--drafter", help="drafter folder or hub id (default: the target's id + '-assistant')")
     p.add_argument("--no-draft", action="store_true", help="target-only decoding (the baseline)")
     p.add_argument("--compare", action="store_true", help="run target-only and speculative, compare outputs and speed")
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="Write a short poem about the sea.", help="the user message")
+    prompt.add_argument("--prompt", help="the user message (default: a short request; for the bundled pair, the "
+                        "start of a Python function, as plain text)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids (for checkpoints without a tokenizer)")
     p.add_argument("--raw", action="store_true", help="use the prompt as plain text, without the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -63,6 +69,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the target's bonus token marked")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     args = p.parse_args(argv)
+    if args.target is None:  # the bundled pair: a code model without chat turns, so a raw code prompt
+        if not BUNDLED_TARGET.is_dir():
+            p.error(f"no --target given and the bundled pair is missing ({BUNDLED_TARGET})")
+        args.target = str(BUNDLED_TARGET)
+        if not args.no_draft:
+            args.drafter = args.drafter or str(BUNDLED_DRAFTER)
+        if args.prompt is None and args.prompt_ids is None:
+            args.prompt, args.raw = BUNDLED_PROMPT, True
+    if args.prompt is None:
+        args.prompt = "Write a short poem about the sea."
     if args.no_draft and (args.compare or args.drafter):
         p.error("--no-draft cannot be combined with --compare or --drafter")
     if args.max_new_tokens < 1:
