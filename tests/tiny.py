@@ -1,8 +1,13 @@
 """Tiny random Gemma 4 checkpoints built with transformers (the oracle), for every test.
 
+The configs are spec §7's, plus an E4B-like target (PLE, KV sharing, no double-wide MLP, 2 KV heads) and a
+drafter for it. The dicts carry no `model_type` (our own `Gemma4Config(**d)` takes them as they are); add
+`{"model_type": "gemma4_text", **d}` where a config.json form is needed.
+
 Norm weights, `layer_scalar`, the router scales and the drafter's token ordering are randomized on purpose:
 transformers initialises them to ones, zeros or the identity, and a model with those values hides bugs such as
-using `1 + w` instead of `w`, a missing layer_scalar, or a wrong cluster lookup.
+using `1 + w` instead of `w`, a missing layer_scalar, a swapped router scale, or a wrong cluster lookup. Every
+other weight is redrawn from a generator seeded with `seed`, so a model is a pure function of (family, seed).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ E2B_LIKE = dict(  # PLE, KV sharing (store/reuse), double-wide MLP on reuse laye
     num_key_value_heads=1, head_dim=16, global_head_dim=32, layer_types=[S] * 3 + [F] + [S] * 3 + [F],
     sliding_window=8, hidden_size_per_layer_input=8, vocab_size_per_layer_input=512, num_kv_shared_layers=3,
     use_double_wide_mlp=True, final_logit_softcapping=30.0, attention_k_eq_v=False, enable_moe_block=False)
+# E4B-like: PLE and KV sharing but no double-wide MLP, 2 KV heads. A full layer must precede the shared ones
+# (each type needs a "store" layer), hence 7 layers: modes [N, N, N, store(S), store(F), reuse(S), reuse(F)].
 E4B_LIKE = dict(E2B_LIKE, num_key_value_heads=2, num_hidden_layers=7, layer_types=[S] * 4 + [F] + [S] + [F],
                 num_kv_shared_layers=2, use_double_wide_mlp=False)
 DENSE31B_LIKE = dict(  # k_eq_v on full layers, 1 global KV head, global_head_dim, no PLE, no KV sharing
@@ -28,42 +35,40 @@ DENSE31B_LIKE = dict(  # k_eq_v on full layers, 1 global KV head, global_head_di
     num_kv_shared_layers=0, final_logit_softcapping=30.0)
 MOE_LIKE = dict(DENSE31B_LIKE, intermediate_size=96, enable_moe_block=True, num_experts=8, top_k_experts=2,
                 moe_intermediate_size=32)
+DENSE31B_LIKE_KVSHARE = dict(DENSE31B_LIKE, num_kv_shared_layers=2, use_double_wide_mlp=True,  # k_eq_v on a store
+                             hidden_size_per_layer_input=8, vocab_size_per_layer_input=512)
+MOE_LIKE_KVSHARE = dict(MOE_LIKE, num_kv_shared_layers=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=512)
 
-TARGET_CONFIGS = {
-    "e2b": E2B_LIKE,
-    "e4b": E4B_LIKE,
-    "31b": DENSE31B_LIKE,
-    "moe": MOE_LIKE,
-    "31b_kvshare": dict(DENSE31B_LIKE, num_kv_shared_layers=2, use_double_wide_mlp=True,
-                        hidden_size_per_layer_input=8, vocab_size_per_layer_input=512),
-    "moe_kvshare": dict(MOE_LIKE, num_kv_shared_layers=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=512),
-}
+TARGET_CONFIGS = {"e2b": E2B_LIKE, "e4b": E4B_LIKE, "31b": DENSE31B_LIKE, "moe": MOE_LIKE,
+                  "31b_kvshare": DENSE31B_LIKE_KVSHARE, "moe_kvshare": MOE_LIKE_KVSHARE}
 
 _DRAFTER_TEXT = dict(model_type="gemma4_text", vocab_size=512, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=4, num_attention_heads=2, head_dim=16, global_head_dim=32, sliding_window=8,
                      hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
-DRAFTER_CONFIGS = {
-    "e2b": dict(backbone_hidden_size=64, use_ordered_embeddings=False, text_config=dict(
-        _DRAFTER_TEXT, num_key_value_heads=1, layer_types=[S] * 3 + [F],
-        final_logit_softcapping=30.0)),  # present on purpose: the drafter must ignore it
-    "e4b": dict(backbone_hidden_size=64, use_ordered_embeddings=True, num_centroids=16, centroid_intermediate_top_k=4,
-                text_config=dict(_DRAFTER_TEXT, num_key_value_heads=2, layer_types=[S] * 3 + [F])),
-    "ordered": dict(backbone_hidden_size=64, use_ordered_embeddings=True, num_centroids=16,
-                    centroid_intermediate_top_k=4, text_config=dict(
-                        _DRAFTER_TEXT, num_key_value_heads=2, attention_k_eq_v=True, num_global_key_value_heads=1,
-                        layer_types=[S, F] * 2)),
-}
+ASSIST_E2B = dict(backbone_hidden_size=64, use_ordered_embeddings=False, text_config=dict(
+    _DRAFTER_TEXT, num_key_value_heads=1, layer_types=[S] * 3 + [F],
+    final_logit_softcapping=30.0))  # present on purpose: the drafter must ignore it
+ASSIST_E4B = dict(backbone_hidden_size=64, use_ordered_embeddings=True, num_centroids=16, centroid_intermediate_top_k=4,
+                  text_config=dict(_DRAFTER_TEXT, num_key_value_heads=2, layer_types=[S] * 3 + [F]))
+ASSIST_ORDERED = dict(backbone_hidden_size=64, use_ordered_embeddings=True, num_centroids=16,
+                      centroid_intermediate_top_k=4, text_config=dict(  # k_eq_v head counts, as its targets
+                          _DRAFTER_TEXT, num_key_value_heads=2, attention_k_eq_v=True, num_global_key_value_heads=1,
+                          layer_types=[S, F] * 2))
+
+DRAFTER_CONFIGS = {"e2b": ASSIST_E2B, "e4b": ASSIST_E4B, "ordered": ASSIST_ORDERED}
 PAIRS = {"e2b": "e2b", "e4b": "e4b", "31b": "ordered", "moe": "ordered", "31b_kvshare": "ordered",
          "moe_kvshare": "ordered"}
 
 
 @torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Redraw every weight from a seeded generator: matrices ~ N(0, 0.05), norms ~ N(1, 0.3), scalars ~ U(0.5, 1.5),
-    token_ordering a random permutation."""
+    """Redraw every weight from a seeded generator: RMSNorm weights and router.scale ~ N(1, 0.3),
+    per_expert_scale and layer_scalar ~ U(0.5, 1.5), token_ordering a random permutation, the rest ~ N(0, 0.05)."""
     gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name or name.endswith("router.scale"):
+    norms = {id(m.weight) for m in model.modules()
+             if type(m).__name__.endswith("RMSNorm") and getattr(m, "weight", None) is not None}
+    for name, p in model.named_parameters():  # tied weights appear once
+        if id(p) in norms or name.endswith("router.scale"):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + 1.0)
         elif name.endswith("per_expert_scale"):
             p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
@@ -76,18 +81,54 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             b.copy_(torch.randperm(b.numel(), generator=gen))
 
 
+@torch.no_grad()
+def bias_vocab(target, drafter, token_ids, amount: float = 0.3, gain: float = 10.0) -> None:
+    """Make target and drafter favour `token_ids` under the same conditions, so that greedy drafts are accepted
+    part of the time (with random weights they almost never are). Changes both models in place.
+
+    A logit is norm(h)·E[t], and a random norm(h) has no fixed sign along any direction, so adding a constant to
+    a few output rows would just add noise. Instead token_ids[c] gets hidden channel c as its "bias channel":
+    - target: the final norm weight of channel c is set to `gain`, so norm(h)[c] is a large signal (±gain) that
+      depends on the context; E[t, c] += amount gives token t a logit bonus of amount·norm(h)[c]. The other
+      channels of norm(h) do not change (RMSNorm divides by the rms of its input, not of its output);
+    - drafter: pre_projection row c reads only channel c of the target's hidden state h_prev, its final norm
+      weight of channel c is `gain`, post_projection row c copies its channel c into the hidden state passed to
+      the next draft, and its own E[t, c] (= its lm_head; with ordered embeddings also the centroid of t's
+      cluster) gets the same bonus.
+    So both models favour t when the target's channel c was large at the previous position: drafts are accepted
+    when that signal persists from one position to the next and rejected when it does not, at the rate the
+    context dictates. The target's inputs change slightly too (E is tied): token t's embedding moves by amount.
+    """
+    H_t = target.get_input_embeddings().weight.shape[1]
+    for c, t in enumerate(token_ids):
+        target.get_input_embeddings().weight[t, c] += amount
+        target.get_decoder().norm.weight[c] = gain
+        drafter.pre_projection.weight[c] = 0.0  # [H_a, 2·H_t]: embedding first, then h_prev
+        drafter.pre_projection.weight[c, H_t + c] = 1.0
+        drafter.post_projection.weight[c] = 0.0  # [H_t, H_a]
+        drafter.post_projection.weight[c, c] = 1.0
+        drafter.model.norm.weight[c] = gain
+        drafter.model.embed_tokens.weight[t, c] += amount  # tied to the drafter's lm_head
+        if drafter.config.use_ordered_embeddings:
+            head = drafter.masked_embedding
+            cluster = (head.token_ordering == t).nonzero().item() // head.vocab_size_per_centroid
+            head.centroids.weight[cluster, c] += amount
+
+
 def _text_config(family: str, **overrides):
     from transformers import Gemma4TextConfig
 
-    return Gemma4TextConfig(**{**TARGET_CONFIGS[family], **overrides})
+    return Gemma4TextConfig(**{k: v for k, v in {**TARGET_CONFIGS[family], **overrides}.items() if k != "model_type"})
 
 
 def build_target(family: str, seed: int = 0, **overrides):
-    """A randomized transformers Gemma4ForCausalLM (fp32, eager attention, eval mode)."""
+    """A randomized transformers Gemma4ForCausalLM (fp32, eager attention, eval mode); overrides edit the config."""
     from transformers import Gemma4ForCausalLM
 
     torch.manual_seed(seed)
-    model = Gemma4ForCausalLM(_text_config(family, **overrides)).eval()
+    config = _text_config(family, **overrides)
+    config._attn_implementation = "eager"
+    model = Gemma4ForCausalLM(config).eval()
     randomize(model, seed)
     return model
 
@@ -97,28 +138,32 @@ def build_multimodal_target(family: str, seed: int = 0):
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    cfg = Gemma4Config(text_config=_text_config(family).to_dict(), vision_config=None, audio_config=None)
-    model = Gemma4ForConditionalGeneration(cfg).eval()
+    config = Gemma4Config(text_config=_text_config(family).to_dict(), vision_config=None, audio_config=None)
+    config._attn_implementation = "eager"
+    model = Gemma4ForConditionalGeneration(config).eval()
     randomize(model, seed)
     return model
 
 
-def build_drafter(kind: str, seed: int = 1, num_assistant_tokens: int = 4, **overrides):
+def build_drafter(kind: str, seed: int = 0, num_assistant_tokens: int = 4, **overrides):
     """A randomized transformers Gemma4AssistantForCausalLM with num_assistant_tokens set (spec §6.2)."""
     from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
 
     torch.manual_seed(seed)
-    model = Gemma4AssistantForCausalLM(Gemma4AssistantConfig(**{**DRAFTER_CONFIGS[kind], **overrides})).eval()
+    config = Gemma4AssistantConfig(**{**DRAFTER_CONFIGS[kind], **overrides})
+    config._attn_implementation = "eager"
+    model = Gemma4AssistantForCausalLM(config).eval()
     randomize(model, seed)
     model.generation_config.num_assistant_tokens = num_assistant_tokens
     return model
 
 
 def save(model, folder, *, max_shard_size=None, eos_token_id=(1,)) -> Path:
-    """save_pretrained (safetensors; sharded with max_shard_size) plus a generation_config.json with stop ids."""
+    """save_pretrained (safetensors; sharded with max_shard_size, e.g. "100KB") plus a generation_config.json with
+    the stop ids and, for drafters, num_assistant_tokens. Returns the folder."""
     folder = Path(folder)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(folder, **kwargs)
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
     gen_path = folder / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     gen["eos_token_id"] = list(eos_token_id)
