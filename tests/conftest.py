@@ -7,7 +7,7 @@ import torch
 
 from tests import tiny
 
-torch.set_num_threads(1)  # tiny models: threads only add contention
+torch.set_num_threads(1)  # tiny models run as fast on one thread; two spin-wait badly on a shared CPU
 
 
 @pytest.fixture(scope="session")

@@ -36,15 +36,6 @@ GOOD_P = 1e-3  # a correct sampler fails this with probability 1e-3 (the seeds a
 BROKEN_P = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run as fast on one thread, and two threads spin-wait badly when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def target() -> Gemma4Model:
     cfg = dict(tiny.DENSE31B_LIKE, vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=2,

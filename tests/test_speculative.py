@@ -25,15 +25,6 @@ PROMPT = [5, 6, 7, 8, 9, 10]
 LONG_PROMPT = list(range(100, 124))  # longer than a sliding ring: the prefill takes the non-ring path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run as fast on one thread, and two threads spin-wait badly when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def target_for(family: str) -> Gemma4Model:
     torch.manual_seed(0)
