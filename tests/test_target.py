@@ -108,3 +108,24 @@ def test_half_precision_stays_as_close_to_fp32_as_transformers(dtype, checkpoint
         hf_err = (Gemma4ForCausalLM.from_pretrained(folder, dtype=dtype)(ids).logits.float() - exact).abs().max().item()
     print(f"{dtype}: ours {ours_err:.3f}, transformers {hf_err:.3f}")
     assert ours_err < 2 * hf_err + 1e-2
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b"])
+def test_hub_form_config_equals_the_saved_form(family, checkpoint, tmp_path, target_pair):
+    """Released config.json files give the full-layer geometry as global_head_dim / num_global_key_value_heads;
+    transformers writes per_layer_config instead. Both describe the same model."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(checkpoint(family), tmp_path / "hub-form")
+    config = json.loads((folder / "config.json").read_text())
+    assert "per_layer_config" in config and "global_head_dim" not in config
+    del config["per_layer_config"]
+    for key in ("global_head_dim", "num_global_key_value_heads"):
+        if key in tiny.TARGET_CONFIGS[family]:
+            config[key] = tiny.TARGET_CONFIGS[family][key]
+    (folder / "config.json").write_text(json.dumps(config))
+    _, ours = target_pair(family)
+    ids = _ids(12, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(load_target(folder)(ids).logits, ours(ids).logits, atol=0, rtol=0)
