@@ -1,0 +1,608 @@
+#!/usr/bin/env python
+"""Benchmarks: this implementation next to transformers 5.24, the draft-length trade-off, and loading memory.
+
+    python scripts/benchmark.py                           # every section -> BENCHMARKS.md, benchmarks/tradeoff.png
+    python scripts/benchmark.py --only spec,tradeoff      # some sections (the others say "not run")
+    python scripts/benchmark.py --quick                   # smoke run -> /tmp/BENCHMARKS.quick.md
+
+Sections, one function each:
+- forward:  prefill tokens/s and decode ms/token, ours vs transformers, on the bundled tiny target and on an
+            E2B-shaped model (E2B's layer geometry, fewer layers, random weights written on the fly), and the cost
+            of one verify pass over N+1 new tokens as a ratio to a one-token decode, N = 0..8.
+- spec:     speculative decoding with the bundled pair, ours vs transformers' assisted generation: greedy, the
+            same held-out prompts and draft length N; tokens/s, acceptance, target passes per token, equal outputs.
+- tradeoff: N = 1..8 and the heuristic schedule, measured, next to the speedup predicted from the measured
+            acceptance and step costs: E[N] = 1 + sum_{i<=N} prod_{j<=i} alpha_j tokens per round, at a cost of
+            N c_d + c_v(N) against c_t per token without drafting.
+- memory:   peak resident memory (VmHWM) of a fresh process loading a full-size E2B-shaped bf16 checkpoint.
+- cuda:     forward costs on a GPU in bf16 with the full E2B geometry (only when CUDA is available).
+Timing hygiene: a fixed torch thread count, warm-up runs, medians, torch.inference_mode(); float32 on CPU.
+Random checkpoints are written tensor by tensor into a temporary folder and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+import weights  # noqa: E402,F401  (the memory baseline is taken after `import torch, weights`)
+from gemma4 import Gemma4Config, Gemma4Model  # noqa: E402
+from speculative import generate  # noqa: E402
+from weights import load_drafter, load_target, load_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+S, F = "sliding_attention", "full_attention"
+SECTIONS = ("forward", "spec", "tradeoff", "memory", "cuda")
+CPU_DTYPE = torch.float32
+
+
+def e2b_config(num_layers: int, num_kv_shared: int) -> dict:
+    """config.json of an E2B-shaped text model (REAL_CHECKPOINTS.md) with `num_layers` = 5 k layers (4 s + 1 f)."""
+    return {"architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text", "vocab_size": 262144,
+            "hidden_size": 1536, "intermediate_size": 6144, "num_hidden_layers": num_layers,
+            "num_attention_heads": 8, "num_key_value_heads": 1, "num_global_key_value_heads": None, "head_dim": 256,
+            "global_head_dim": 512, "layer_types": ([S] * 4 + [F]) * (num_layers // 5), "sliding_window": 512,
+            "hidden_size_per_layer_input": 256, "vocab_size_per_layer_input": 262144,
+            "num_kv_shared_layers": num_kv_shared, "use_double_wide_mlp": True, "final_logit_softcapping": 30.0,
+            "attention_k_eq_v": False, "enable_moe_block": False, "max_position_embeddings": 131072,
+            "rope_parameters": {S: {"rope_type": "default", "rope_theta": 10_000.0},
+                                F: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                    "rope_theta": 1_000_000.0}},
+            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+            "attention_bias": False, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "dtype": "bfloat16"}
+
+
+def write_random_checkpoint(folder: Path, config: dict, dtype: torch.dtype = torch.bfloat16) -> int:
+    """config.json + model.safetensors (text-only keys `model.*`) with random weights, streamed tensor by tensor so
+    that writing a 10 GB file holds 32 MB: matrices cycle through a pool of N(0, 0.02) values, vectors (norms,
+    layer scalars) are 1. Returns the bytes of tensor data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1]}))
+    with torch.device("meta"):
+        model = Gemma4Model(Gemma4Config.from_dict(config))
+    shapes = {"model." + k: list(v.shape) for k, v in model.state_dict().items()}  # the checkpoint's keys
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape in shapes.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": {torch.bfloat16: "BF16", torch.float32: "F32"}[dtype], "shape": shape,
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    pool = (torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    pool = memoryview(pool.view(torch.uint8).numpy())  # [32 MB]
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for i, (key, shape) in enumerate(shapes.items()):
+            if len(shape) == 1:
+                f.write(torch.ones(shape, dtype=dtype).view(torch.uint8).numpy().tobytes())
+                continue
+            left, at = math.prod(shape) * dtype.itemsize, (i * 4099 * dtype.itemsize) % len(pool)
+            while left:
+                chunk = pool[at : at + left]
+                f.write(chunk)
+                left, at = left - len(chunk), 0
+    return offset
+
+
+# ---- timing -----------------------------------------------------------------------------------------------------
+def timed(fn: Callable, device: str) -> float:
+    """Wall seconds of one fn() call; on CUDA, queued kernels are waited for before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def median_seconds(fn: Callable, *, warmup: int, reps: int, device: str = "cpu") -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn, device) for _ in range(reps))
+
+
+@dataclass
+class Impl:
+    """One implementation behind the same calls: an empty cache, a forward returning logits, a rollback."""
+
+    name: str
+    new_cache: Callable  # (max_length, rollback: bool) -> cache
+    forward: Callable  # (ids [1, S], cache, logits_to_keep or None) -> logits [1, S_kept, V]
+    rollback: Callable  # (cache, r): forget the last r positions
+
+
+def load_impl(name: str, folder: Path, dtype: torch.dtype, device: str) -> Impl:
+    if name == "ours":
+        m = load_target(folder, dtype=dtype, device=device)
+        return Impl(name, lambda n, rollback: m.new_cache(max_length=n, max_rollback=16),
+                    lambda ids, cache, keep: m(ids, cache, logits_to_keep=keep).logits,
+                    lambda cache, r: cache.rollback(r))
+    from transformers import DynamicCache, Gemma4ForCausalLM
+
+    m = Gemma4ForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()  # default attention: sdpa
+
+    def new_cache(n: int, rollback: bool) -> DynamicCache:
+        cache = DynamicCache(config=m.config)
+        if rollback:  # sliding layers keep their past until crop(), as in assisted generation
+            cache.activate_past_recording()
+        return cache
+
+    return Impl(name, new_cache,
+                lambda ids, cache, keep: m(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep or 0).logits,
+                lambda cache, r: cache.crop(-r))
+
+
+@torch.inference_mode()
+def forward_cost(impl: Impl, vocab: int, q: dict, device: str) -> dict:
+    """Prefill tokens/s over a q["prompt"]-token prompt (last row's logits only, as generation does) and the
+    median ms of q["decode"] one-token decode steps that follow it (after 4 untimed ones)."""
+    prompt = torch.randint(3, vocab, (1, q["prompt"]), generator=torch.Generator().manual_seed(0)).to(device)
+    state = {}
+
+    def prefill():
+        state["cache"] = impl.new_cache(q["prompt"] + q["decode"] + 8, False)
+        impl.forward(prompt, state["cache"], 1)
+
+    prefill_s = median_seconds(prefill, warmup=1, reps=q["reps"], device=device)
+    decode_s = median_seconds(lambda: impl.forward(prompt[:, -1:], state["cache"], None), warmup=4,
+                              reps=q["decode"], device=device)
+    return {"prefill_tokens_per_s": q["prompt"] / prefill_s, "decode_ms": decode_s * 1e3}
+
+
+@torch.inference_mode()
+def verify_cost(impl: Impl, vocab: int, q: dict, device: str) -> dict[int, float]:
+    """Median ms of one forward over N+1 new tokens (all rows' logits) at a cache of q["context"] positions, for
+    N in q["ns"]; the rounds over N are interleaved so that background load hits every N alike."""
+    ns, context = q["ns"], q["context"]
+    ids = torch.randint(3, vocab, (1, context + max(ns) + 1), generator=torch.Generator().manual_seed(1)).to(device)
+    cache = impl.new_cache(context + max(ns) + 2, True)
+    impl.forward(ids[:, :context], cache, 1)
+
+    def verify(n: int) -> None:
+        impl.forward(ids[:, context : context + n + 1], cache, None)
+        impl.rollback(cache, n + 1)
+
+    times = {n: [] for n in ns}
+    for rep in range(q["verify_reps"] + 2):  # two warm-up rounds
+        for n in ns:
+            t = timed(lambda: verify(n), device)
+            if rep >= 2:
+                times[n].append(t)
+    return {n: statistics.median(t) * 1e3 for n, t in times.items()}
+
+
+def compare_forward(models: list[tuple[str, Path]], dtype: torch.dtype, device: str, q: dict) -> dict:
+    """{label: {impl: forward_cost}} for every (label, folder), loading one model at a time, and verify_cost of
+    both implementations on the last model, under "verify"."""
+    out = {"verify": {}}
+    for label, folder in models:
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        for name in ("ours", "transformers"):
+            impl = load_impl(name, folder, dtype, device)
+            out.setdefault(label, {})[name] = forward_cost(impl, vocab, q, device)
+            if label == models[-1][0]:
+                out["verify"][name] = verify_cost(impl, vocab, q, device)
+            del impl
+    return out
+
+
+def forward_markdown(res: dict, q: dict) -> tuple[list[str], float]:
+    """The two tables of a compare_forward result, and ours' verify ratio at N = 4."""
+    lines = [f"| model | prefill tokens/s ({q['prompt']}-token prompt): ours | transformers | decode ms/token (median "
+             f"of {q['decode']}): ours | transformers | decode: ours faster by |", "|---|---|---|---|---|---|"]
+    for label, r in res.items():
+        if label != "verify":
+            o, t = r["ours"], r["transformers"]
+            lines.append(f"| {label} | {o['prefill_tokens_per_s']:.1f} | {t['prefill_tokens_per_s']:.1f} | "
+                         f"{o['decode_ms']:.2f} | {t['decode_ms']:.2f} | {t['decode_ms'] / o['decode_ms']:.2f}x |")
+    o, t = res["verify"]["ours"], res["verify"]["transformers"]
+    lines += ["", f"Verify cost on the last model: one forward over N+1 new tokens (logits for every row) at a cache "
+              f"of {q['context']} positions, ms and ratio to a one-token forward (N = 0).", "",
+              "| N | ours ms | ours ratio | transformers ms | transformers ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {o[n]:.1f} | {o[n] / o[0]:.2f}x | {t[n]:.1f} | {t[n] / t[0]:.2f}x |" for n in q["ns"]]
+    return lines, o.get(4, math.nan) / o[0]
+
+
+def section_forward(args, q: dict) -> list[str]:
+    layers, shared = (5, 0) if args.quick else (10, 5)
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
+        folder = Path(tmp) / "e2b_shaped"
+        write_random_checkpoint(folder, e2b_config(layers, shared))
+        label = f"E2B-shaped, {layers} layers ({shared} KV-shared), random"
+        res = compare_forward([("bundled tiny target", args.models / "target"), (label, folder)], CPU_DTYPE, "cpu", q)
+    lines, ratio4 = forward_markdown(res, q)
+    return lines + ["", f"**Reading:** ours verifies 4 drafts (5 tokens) at {ratio4:.2f}x a one-token decode: "
+                    "target <= 1.3x, " + ("met." if ratio4 <= 1.3 else f"missed by {ratio4 - 1.3:.2f}x.")]
+
+
+# ---- speculative decoding ---------------------------------------------------------------------------------------
+def held_out_prompts(models: Path, count: int, length: int) -> list[list[int]]:
+    """The first `length` tokens (<bos> included) of the first `count` long-enough held-out files of training.json."""
+    record = json.loads((models / "training.json").read_text())
+    tokenizer, root = load_tokenizer(models / "target"), Path(sysconfig.get_paths()["stdlib"])
+    prompts = []
+    for rel in record["corpus"]["held_out_files"]:
+        ids = [tokenizer.bos_id] + tokenizer.encode((root / rel).read_text(encoding="utf-8"))
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == count:
+            return prompts
+    raise RuntimeError(f"only {len(prompts)} held-out files of {models / 'training.json'} have {length} tokens")
+
+
+def load_pair(models: Path):
+    target = load_target(models / "target", dtype=CPU_DTYPE)
+    return target, load_drafter(models / "drafter", target=target, dtype=CPU_DTYPE)
+
+
+def section_spec(args, q: dict) -> list[str]:
+    from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+    target, drafter = load_pair(args.models)
+    n = args.draft_tokens or drafter.generation_config.get("num_assistant_tokens", 6)
+    hf_target = Gemma4ForCausalLM.from_pretrained(args.models / "target", dtype=CPU_DTYPE).eval()
+    hf_drafter = Gemma4AssistantForCausalLM.from_pretrained(args.models / "drafter", dtype=CPU_DTYPE).eval()
+    hf_drafter.generation_config.num_assistant_tokens = n  # read only from here (spec §6.2)
+    hf_drafter.generation_config.num_assistant_tokens_schedule = "constant"
+    calls = {"target": 0, "drafter": 0}
+    hf_target.register_forward_hook(lambda *_: calls.__setitem__("target", calls["target"] + 1))
+    hf_drafter.register_forward_hook(lambda *_: calls.__setitem__("drafter", calls["drafter"] + 1))
+
+    def ours(ids):
+        res = generate(target, drafter, ids, max_new_tokens=q["new_tokens"], num_draft_tokens=n)
+        return res.tokens, res.stats.target_forward_passes, res.stats.drafted, res.stats.accepted
+
+    @torch.inference_mode()
+    def theirs(ids):
+        calls.update(target=0, drafter=0)
+        out = hf_target.generate(torch.tensor([ids]), assistant_model=hf_drafter, max_new_tokens=q["new_tokens"],
+                                 do_sample=False)
+        tokens = out[0, len(ids):].tolist()  # each pass emits its accepted drafts + 1 (the prefill: 1)
+        return tokens, calls["target"], calls["drafter"], len(tokens) - calls["target"]
+
+    prompts = held_out_prompts(args.models, q["prompts"], q["prompt_tokens"])
+    runs = {"ours": ours, "transformers": theirs}
+    for fn in runs.values():
+        fn(prompts[0][:16])  # warm-up
+    walls = {(name, i): [] for name in runs for i in range(len(prompts))}
+    results = {}
+    for _ in range(q["repeats"]):
+        for i, ids in enumerate(prompts):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                results[name, i] = fn(ids)
+                walls[name, i].append(time.perf_counter() - start)
+    rows = {}
+    for name in runs:
+        per = [results[name, i] for i in range(len(prompts))]
+        tokens = sum(len(r[0]) for r in per)
+        rows[name] = {"tps": tokens / sum(statistics.median(walls[name, i]) for i in range(len(prompts))),
+                      "acc": sum(r[3] for r in per) / max(1, sum(r[2] for r in per)),
+                      "passes": sum(r[1] for r in per) / tokens, "tokens": tokens}
+    equal = sum(results["ours", i][0] == results["transformers", i][0] for i in range(len(prompts)))
+    ratio = rows["ours"]["tps"] / rows["transformers"]["tps"]
+    lines = [f"{len(prompts)} held-out prompts of {q['prompt_tokens']} tokens, up to {q['new_tokens']} new tokens, "
+             f"greedy, N = {n}, float32; tokens/s = new tokens / wall time of the whole generate call (prefill "
+             f"included), median of {q['repeats']} runs per prompt.", "",
+             "| implementation | tokens/s | acceptance | target passes per token | new tokens |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['tps']:.1f} | {r['acc']:.3f} | {r['passes']:.3f} | {r['tokens']} |"
+              for name, r in rows.items()]
+    lines += ["", f"Outputs equal on {equal}/{len(prompts)} prompts.",
+              f"**Reading:** ours runs at {ratio:.2f}x transformers' tokens/s: target >= 1.5x, "
+              + ("met." if ratio >= 1.5 else f"missed by {1.5 - ratio:.2f}x.")]
+    return lines
+
+
+# ---- draft-length trade-off -------------------------------------------------------------------------------------
+@torch.inference_mode()
+def step_costs(target, drafter, prompt: list[int], ns: list[int], reps: int) -> dict:
+    """Median seconds of c_t (one-token target decode), c_d (one drafter step + argmax) and c_v(N) (one verify
+    forward over N+1 tokens), at the cache the prompt leaves."""
+    cache = target.new_cache(max_length=len(prompt) + 64, max_rollback=max(ns) + 2,
+                             min_sliding_history=drafter.sliding_history)
+    out = target(torch.tensor([prompt]), cache, logits_to_keep=1)
+    token, h, views = torch.tensor([[prompt[-1]]]), out.hidden_states[:, -1:], cache.views()
+
+    def verify(k: int) -> None:
+        target(torch.full((1, k), prompt[-1]), cache)
+        cache.rollback(k)
+
+    c_d = median_seconds(lambda: drafter.step(target, token, h, cache.length, views).logits.argmax(-1),
+                         warmup=5, reps=reps)
+    return {"c_t": median_seconds(lambda: verify(1), warmup=5, reps=reps), "c_d": c_d,
+            "c_v": {n: median_seconds(lambda: verify(n + 1), warmup=5, reps=reps) for n in ns}}
+
+
+def acceptance_per_position(rounds: list[tuple[int, int]], n: int) -> list[float]:
+    """Position j (1..n) accepted iff a round accepted >= j drafts, over the rounds that drafted >= j."""
+    out = []
+    for j in range(1, n + 1):
+        drafted = [a for d, a in rounds if d >= j]
+        out.append(sum(a >= j for a in drafted) / len(drafted) if drafted else math.nan)
+    return out
+
+
+def conditional_alpha(rounds: list[tuple[int, int]], n: int) -> list[float]:
+    """alpha_j = P(draft j accepted | drafts 1..j-1 accepted), over rounds that drafted >= j: the factors of E[N]."""
+    out = []
+    for j in range(1, n + 1):
+        reached = [a for d, a in rounds if d >= j and a >= j - 1]
+        out.append(sum(a >= j for a in reached) / len(reached) if reached else math.nan)
+    return out
+
+
+def predicted_speedup(alpha: list[float], n: int, costs: dict) -> tuple[float, float]:
+    """(E[N], speedup): E[N] = 1 + sum_{i<=N} prod_{j<=i} alpha_j; speedup = E[N] / (N c_d + c_v(N)) * c_t."""
+    expected = 1 + sum(math.prod(alpha[:i]) for i in range(1, n + 1))
+    return expected, expected / (n * costs["c_d"] + costs["c_v"][n]) * costs["c_t"]
+
+
+def section_tradeoff(args, q: dict) -> list[str]:
+    target, drafter = load_pair(args.models)
+    prompts = held_out_prompts(args.models, q["prompts"], q["prompt_tokens"])
+    ns = q["tradeoff_ns"]
+    costs = step_costs(target, drafter, prompts[0], ns, q["cost_reps"])
+    start_k = drafter.generation_config.get("num_assistant_tokens", 6)
+    modes = [("target only", None, "constant"), *((str(n), n, "constant") for n in ns),
+             (f"heuristic (from {start_k})", start_k, "heuristic")]
+    generate(target, drafter, prompts[0], max_new_tokens=8, num_draft_tokens=2)  # warm-up
+    stats = {(m, i): [] for m, _, _ in modes for i in range(len(prompts))}
+    for _ in range(q["repeats"]):  # interleaved, so background load hits every mode alike
+        for i, ids in enumerate(prompts):
+            for label, k, schedule in modes:
+                res = generate(target, drafter if k else None, ids, max_new_tokens=q["new_tokens"],
+                               num_draft_tokens=k, schedule=schedule)
+                stats[label, i].append(res.stats)
+    measured = {}
+    for label, k, _ in modes:
+        runs = [sorted(stats[label, i], key=lambda s: s.decode_seconds)[len(stats[label, i]) // 2]  # median run
+                for i in range(len(prompts))]
+        tokens, seconds = sum(s.decode_tokens for s in runs), sum(s.decode_seconds for s in runs)
+        rounds = [r for s in runs for r in s.rounds]
+        measured[label] = {"tps": tokens / seconds, "rounds": rounds,
+                           "per_pass": tokens / sum(s.target_forward_passes - 1 for s in runs),
+                           "acc": sum(a for _, a in rounds) / max(1, sum(d for d, _ in rounds))}
+    base = measured["target only"]["tps"]
+    alpha = conditional_alpha([r for n in ns for r in measured[str(n)]["rounds"]], max(ns))  # pooled over N
+    table = [f"Costs (median ms): c_t = {costs['c_t'] * 1e3:.2f} (one-token decode), c_d = {costs['c_d'] * 1e3:.2f} "
+             f"(drafter step), c_v(N) = " + ", ".join(f"{costs['c_v'][n] * 1e3:.2f}" for n in ns) + f" for N = {ns}.",
+             f"alpha_j (P(draft j accepted | drafts < j accepted), pooled over N = {ns[0]}..{ns[-1]}): "
+             + " ".join(f"{a:.3f}" for a in alpha), "",
+             "| N | acceptance per position j = 1..N | tokens per pass | E[N] predicted | tokens/s | speedup | "
+             "predicted speedup | measured / predicted |", "|---|---|---|---|---|---|---|---|",
+             f"| target only | | 1.00 | | {base:.1f} | 1.00x | | |"]
+    points = []
+    for label, k, schedule in modes[1:]:
+        m = measured[label]
+        shown = min(max(ns), max(d for d, _ in m["rounds"]))  # the heuristic may draft more than max(ns)
+        per = " ".join(f"{a:.2f}" for a in acceptance_per_position(m["rounds"], shown))
+        speedup = m["tps"] / base
+        if schedule == "constant":
+            expected, predicted = predicted_speedup(alpha, k, costs)
+            points.append((k, speedup, predicted, m["acc"]))
+            pred = f"{expected:.2f} | {m['tps']:.1f} | {speedup:.2f}x | {predicted:.2f}x | {speedup / predicted:.0%}"
+        else:
+            pred = f" | {m['tps']:.1f} | {speedup:.2f}x | | "
+        table.append(f"| {label} | {per} | {m['per_pass']:.2f} | {pred} |")
+    best = max(points, key=lambda p: p[1])
+    ratio = best[1] / best[2]
+    table += ["", f"**Reading:** the best N is {best[0]} ({best[1]:.2f}x over target-only); measured / predicted "
+              f"there is {ratio:.0%}: target >= 85%, "
+              + ("met." if ratio >= 0.85 else f"missed by {0.85 - ratio:.0%} points.")]
+    table += plot_tradeoff(points, measured[modes[-1][0]]["tps"] / base, alpha, args.plot)
+    return table
+
+
+def plot_tradeoff(points, heuristic: float, alpha: list[float], path: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["", "(no plot: matplotlib is not installed; `pip install -e .[plot]`)"]
+    ns, measured, predicted, acc = zip(*points)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ns, measured, "o-", label="measured")
+    a.plot(ns, predicted, "s--", label="predicted")
+    a.axhline(heuristic, color="gray", ls=":", label="heuristic schedule")
+    a.axhline(1.0, color="black", lw=0.5)
+    a.set(xlabel="draft length N", ylabel="speedup over target-only", title="Speedup")
+    a.legend()
+    b.plot(ns, acc, "o-", label="acceptance rate (accepted / drafted) at N")
+    b.plot(range(1, len(alpha) + 1), alpha, "s--", label="alpha_j: position j | j-1 accepted")
+    b.set(xlabel="N or draft position j", ylabel="acceptance", ylim=(0, 1), title="Acceptance")
+    b.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return ["", f"![speedup and acceptance vs N]({os.path.relpath(path, ROOT)})"]
+
+
+# ---- loading memory ---------------------------------------------------------------------------------------------
+def status_kb(field: str, pid: str = "self", file: str = "status") -> int:
+    """A kB field of /proc/<pid>/status (or of /proc/meminfo with file="meminfo", pid ignored)."""
+    path = Path("/proc/meminfo") if file == "meminfo" else Path(f"/proc/{pid}/status")
+    for line in path.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure_load(name: str, folder: str) -> None:
+    """In a fresh process (--measure-load): print JSON with the RSS after the imports (the baseline), the peak RSS
+    (VmHWM) right after loading `folder` in bfloat16 and again after reading every weight once (transformers maps
+    the file and reads it on first use; the first forward would), and the bytes of the parameters and buffers."""
+    if name == "transformers":
+        from transformers import Gemma4ForCausalLM
+    baseline, start = status_kb("VmRSS"), time.perf_counter()
+    if name == "ours":
+        model = load_target(folder, dtype=torch.bfloat16)
+    else:
+        model = Gemma4ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    seconds, loaded = time.perf_counter() - start, status_kb("VmHWM")
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    for t in tensors.values():
+        torch.amax(t)  # touches every byte, allocates nothing big
+    print(json.dumps({"baseline_kb": baseline, "loaded_kb": loaded, "touched_kb": status_kb("VmHWM"),
+                      "rss_file_kb": status_kb("RssFile"), "seconds": seconds,
+                      "model_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}))
+
+
+def run_measure_load(name: str, folder: Path, limit_gb: float) -> dict | None:
+    """measure_load in a subprocess, stopped (None) if its resident memory passes limit_gb."""
+    proc = subprocess.Popen([sys.executable, __file__, "--measure-load", name, str(folder)], stdout=subprocess.PIPE)
+    while proc.poll() is None:
+        try:
+            if status_kb("VmRSS", str(proc.pid)) > limit_gb * 2**20:
+                proc.kill()
+                proc.wait()
+                return None
+        except (FileNotFoundError, KeyError):
+            pass
+        time.sleep(0.05)
+    return json.loads(proc.stdout.read().decode().strip().splitlines()[-1])
+
+
+def section_memory(args, q: dict) -> list[str]:
+    layers, shared = q["memory_layers"]
+    limit = min(20.0, status_kb("MemAvailable", file="meminfo") / 2**20 - 2.0)  # GiB: stop transformers there
+    lines = [f"E2B-shaped text-only checkpoint, {layers} layers ({shared} KV-shared), bfloat16, random weights "
+             "written on the fly. Peak = VmHWM of a fresh process minus its VmRSS after the imports, right after "
+             "loading and after reading every weight once (transformers memory-maps the file and reads it lazily; "
+             "mapped pages count as resident once read, as page cache shared with the file).", "",
+             "| loader | weights (GB) | peak after load (GB) | peak after reading every weight (GB) | "
+             "peak / weights | of which file-mapped (GB) | load seconds |", "|---|---|---|---|---|---|---|"]
+    results = {}
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
+        folder = Path(tmp) / "e2b_bf16"
+        data = write_random_checkpoint(folder, e2b_config(layers, shared))
+        for name in ("ours", "transformers"):
+            results[name] = r = run_measure_load(name, folder, limit)
+            if r is None:
+                lines.append(f"| {name} | {data / 1e9:.2f} | > {limit:.1f} (stopped) | | | | |")
+                continue
+            loaded, touched = ((r[k] - r["baseline_kb"]) * 1024 for k in ("loaded_kb", "touched_kb"))
+            lines.append(f"| {name} | {r['model_bytes'] / 1e9:.2f} | {loaded / 1e9:.2f} | {touched / 1e9:.2f} | "
+                         f"{touched / r['model_bytes']:.2f}x | {r['rss_file_kb'] * 1024 / 1e9:.2f} | "
+                         f"{r['seconds']:.1f} |")
+    ours = results["ours"]
+    ratio = (ours["touched_kb"] - ours["baseline_kb"]) * 1024 / ours["model_bytes"]
+    lines += ["", f"**Reading:** our loader peaks at {ratio:.2f}x the weights: target <= 1.15x, "
+              + ("met." if ratio <= 1.15 else f"missed by {ratio - 1.15:.2f}x.")]
+    return lines
+
+
+# ---- CUDA -------------------------------------------------------------------------------------------------------
+def section_cuda(args, q: dict) -> list[str]:
+    if not torch.cuda.is_available():
+        return ["not measured: no GPU in this run"]
+    layers, shared = (5, 0) if args.quick else (35, 20)
+    label = f"E2B-shaped, {layers} layers ({shared} KV-shared)"
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
+        folder = Path(tmp) / "e2b_bf16"
+        write_random_checkpoint(folder, e2b_config(layers, shared))
+        res = compare_forward([(label, folder)], torch.bfloat16, "cuda", q)
+    lines, ratio4 = forward_markdown(res, q)
+    return [f"{torch.cuda.get_device_name()}, bfloat16.", "", *lines, "",
+            f"**Reading:** on the GPU ours verifies 5 tokens at {ratio4:.2f}x a one-token decode."]
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(prompt=64, decode=4, reps=1, context=64, ns=[0, 1, 4], verify_reps=2, prompts=2, prompt_tokens=48,
+                    new_tokens=24, repeats=1, tradeoff_ns=[1, 2, 4], cost_reps=5, memory_layers=(5, 0))
+    return dict(prompt=512, decode=32, reps=3, context=300, ns=list(range(9)), verify_reps=7, prompts=5,
+                prompt_tokens=120, new_tokens=128, repeats=3, tradeoff_ns=list(range(1, 9)), cost_reps=30,
+                memory_layers=(35, 20))
+
+
+def machine() -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    try:
+        import transformers
+
+        hf = transformers.__version__
+    except ImportError:
+        hf = "not installed"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return [f"- CPU: {cpu}, {os.cpu_count()} cores; GPU: {gpu}",
+            f"- torch {torch.__version__} (torch.get_num_threads() = {torch.get_num_threads()}); transformers {hf}; "
+            f"Python {platform.python_version()}"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
+    p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run, not a measurement")
+    p.add_argument("--models", type=Path, default=ROOT / "tiny_gemma4", help="folder with target/ and drafter/")
+    p.add_argument("--draft-tokens", type=int, default=None, help="N for the spec section (default: the drafter's)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tmp-dir", default=None, help="where random checkpoints are written (the memory one: ~10 GB)")
+    p.add_argument("--out", type=Path, default=None, help="default BENCHMARKS.md (--quick: /tmp/BENCHMARKS.quick.md)")
+    p.add_argument("--measure-load", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.measure_load:
+        measure_load(*args.measure_load)
+        return 0
+    only = [s.strip() for s in args.only.split(",")]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    if not (args.models / "target").is_dir() and set(only) & {"forward", "spec", "tradeoff"}:
+        p.error(f"{args.models} has no target/: train it (scripts/train_tiny.py) or pass --models")
+    args.out = args.out or (Path("/tmp/BENCHMARKS.quick.md") if args.quick else ROOT / "BENCHMARKS.md")
+    args.plot = args.out.parent / "benchmarks" / "tradeoff.png" if not args.quick else args.out.with_suffix(".png")
+    q = settings(args.quick)
+    titles = {"forward": "1. Forward cost, ours vs transformers (CPU, float32)",
+              "spec": "2. Speculative decoding, ours vs transformers' assisted generation (bundled tiny pair)",
+              "tradeoff": "3. The draft-length trade-off (bundled tiny pair, ours)",
+              "memory": "4. Loading memory (full-size E2B-shaped checkpoint, bfloat16)",
+              "cuda": "5. GPU (CUDA, bfloat16, full E2B geometry)"}
+    functions = {"forward": section_forward, "spec": section_spec, "tradeoff": section_tradeoff,
+                 "memory": section_memory, "cuda": section_cuda}
+    command = "python scripts/benchmark.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    models = args.models.relative_to(ROOT) if args.models.is_relative_to(ROOT) else args.models
+    doc = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+           "", *machine(), f"- models: `{models}`" + (" (--quick: smoke settings, not a measurement)" * args.quick), ""]
+    for name in SECTIONS:
+        doc += [f"## {titles[name]}", ""]
+        if name in only:
+            start = time.perf_counter()
+            print(f"[benchmark] {name} ...", file=sys.stderr, flush=True)
+            doc += functions[name](args, q)
+            print(f"[benchmark] {name} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        else:
+            doc.append(f"not run (`--only {args.only}`)")
+        doc.append("")
+    args.out.write_text("\n".join(doc))
+    print("\n".join(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
