@@ -18,10 +18,22 @@ import torch
 from torch import nn
 
 from gemma4 import FULL, KVView, RMSNorm
-from gemma4.layers import Linear, linear, rope_cos_sin
+from gemma4.layers import Linear, additive_mask, linear, rope_cos_sin
 from gemma4.model import DecoderLayer
 
 from .config import DrafterConfig
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    """What every draft step of one round shares: the round's RoPE position, the masks over the target's K/V and
+    the rotary tables. A round's steps differ only in their input row, so this is built once per round
+    (`Drafter.context`) instead of once per step."""
+
+    positions: torch.Tensor  # [S]
+    shared: dict[str, tuple[torch.Tensor, torch.Tensor]]  # attention type -> (K, V) [B, n_kv, T, d]
+    masks: dict[str, torch.Tensor]  # attention type -> [S, T] additive (0 / -inf)
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # attention type -> (cos, signed sin) [S, 1, d]
 
 
 @dataclass
@@ -80,27 +92,34 @@ class Drafter(nn.Module):
         return self.config.sliding_history
 
     def step(self, target, token: torch.Tensor, hidden: torch.Tensor, position: int,
-             views: dict[str, KVView]) -> DraftOutput:
+             views: dict[str, KVView], context: DraftContext | None = None) -> DraftOutput:
         """One draft step from the last token [B, 1] and the hidden state [B, 1, H_t] that precedes it: the target's
-        post-norm hidden state for the first step of a round, the drafter's own `hidden` after that."""
-        return self(torch.cat([target.embed(token), hidden], dim=-1), position, views)
+        post-norm hidden state for the first step of a round, the drafter's own `hidden` after that. `context`, if
+        given, must be `self.context(position, views)` (the loop builds it once per round)."""
+        return self(torch.cat([target.embed(token), hidden], dim=-1), position, views, context)
+
+    def context(self, position: int | torch.Tensor, views: dict[str, KVView]) -> DraftContext:
+        """Masks, K/V and rotary tables for queries at `position` (an int, or [S] positions) over `views`."""
+        text = self.config.text
+        positions = torch.as_tensor(position, device=self.pre_projection.weight.device).reshape(-1)  # [S]
+        return DraftContext(
+            positions=positions,
+            shared={t: (view.k, view.v) for t, view in views.items()},
+            masks={t: additive_mask(self._mask(t, view.positions, positions), self.pre_projection.weight.dtype)
+                   for t, view in views.items()},
+            rope={t: rope_cos_sin(positions, text.rope[t], head_dim, self.pre_projection.weight.dtype)
+                  for t, head_dim in {s.attention_type: s.head_dim for s in text.layers}.items()},
+        )
 
     def forward(self, inputs_embeds: torch.Tensor, position: int | torch.Tensor,
-                views: dict[str, KVView]) -> DraftOutput:
+                views: dict[str, KVView], context: DraftContext | None = None) -> DraftOutput:
         """inputs_embeds: [B, S, 2 H_t], one query per row; `position`: an int (decoding: S = 1) or [S] positions
         (training: every position of a sequence at once). Query i reads the target K/V of positions < position[i]."""
-        text = self.config.text
+        context = context or self.context(position, views)
         x = self.pre_projection(inputs_embeds)  # [B, S, H_a]
-        positions = torch.as_tensor(position, device=x.device).reshape(-1)  # [S]
-        masks = {t: self._mask(t, view.positions, positions) for t, view in views.items()}
-        shared = {t: (view.k, view.v) for t, view in views.items()}
-        rope = {
-            t: rope_cos_sin(positions, text.rope[t], head_dim, x.dtype)
-            for t, head_dim in {s.attention_type: s.head_dim for s in text.layers}.items()
-        }
-        for spec, layer in zip(text.layers, self.model.layers):
+        for spec, layer in zip(self.config.text.layers, self.model.layers):
             t = spec.attention_type
-            x = layer(x, *rope[t], masks[t], None, shared)
+            x = layer(x, *context.rope[t], context.masks[t], None, context.shared)
         h = self.model.norm(x)  # [B, S, H_a]
         return DraftOutput(self.head(h), self.post_projection(h))
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import FULL, SLIDING, Gemma4Config
+from .layers import additive_mask
 
 
 class CacheError(RuntimeError):
@@ -45,7 +46,8 @@ class KVView:
 @dataclass(frozen=True)
 class Step:
     """What one forward over S new tokens needs from the cache: their positions and, per attention type, the
-    boolean mask [S, T] over the keys that layer type will attend to (None when every key is visible)."""
+    additive mask [S, T] (0 or -inf) over the keys that layer type will attend to (None when every key is
+    visible)."""
 
     positions: torch.Tensor  # [S] int64
     masks: dict[str, torch.Tensor | None]
@@ -72,7 +74,7 @@ class KVCache:
         self.capacity = self.history + max_rollback  # ring slots of every sliding layer
         self.length = 0
         self._floor = 0  # oldest position still guaranteed to be in every ring
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype
         self._slot_pos = torch.full((self.capacity,), -1, dtype=torch.long, device=self.device)  # ring positions
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
@@ -98,7 +100,7 @@ class KVCache:
         masks: dict[str, torch.Tensor | None] = {}
         if FULL in self.config.layer_types:
             key_pos = torch.arange(end, device=self.device)
-            masks[FULL] = None if num_new == 1 else key_pos[None, :] <= positions[:, None]
+            masks[FULL] = None if num_new == 1 else additive_mask(key_pos[None, :] <= positions[:, None], self.dtype)
         if SLIDING in self.config.layer_types:
             # Ring path: the new tokens fit next to the W - 1 keys the first of them needs, so write, then attend
             # over the ring. Otherwise (long prefills) attend over [ring ; new] and write the tail afterwards.
@@ -108,7 +110,7 @@ class KVCache:
             self._slot_pos.index_copy_(0, tail % self.capacity, tail)
             key_pos = self._slot_pos if self._ring_path else torch.cat([old, positions])
             q = positions[:, None]
-            masks[SLIDING] = (key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window)
+            masks[SLIDING] = additive_mask((key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window), self.dtype)
         self._floor = max(self._floor, end - self.capacity)
         self._span = (start, end)
         self._ring_slots = positions[-self.capacity:] % self.capacity

@@ -6,6 +6,8 @@ to 1e-4 and the drafter reads K/V produced by this code.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,36 +15,54 @@ from torch import nn
 from .config import Gemma4Config, LayerSpec, RopeParams
 
 
+@functools.cache
+def _scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A float32 0-d constant on `device`, made once (an op that takes a tensor operand costs no scalar wrap)."""
+    with torch.inference_mode(False):  # usable in training too
+        return torch.tensor(value, dtype=torch.float32, device=device)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * w, in float32. Gemma 4 scales by `w` itself (not `1 + w` as in Gemma 1-3);
-    `with_scale=False` (v_norm, the router's norm) has no weight at all."""
+    `with_scale=False` (v_norm, the router's norm) has no weight at all.
+
+    mean(x^2) is taken as |x|^2 / dim from one `vector_norm` call: five tensor ops instead of nine. There are seven
+    or eight norms per layer, and a decode step of a small model is bound by the number of ops, not by arithmetic.
+    Equal to transformers' pow/mean form within float rounding."""
 
     def __init__(self, dim: int, eps: float, with_scale: bool = True):
         super().__init__()
-        self.eps = eps
+        self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)  # pow, not rsqrt: as transformers
+        xf = x if x.dtype == torch.float32 else x.float()
+        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)  # [..., 1]
+        y = xf * torch.addcmul(_scalar(self.eps, xf.device), norm, norm, value=1.0 / self.dim).rsqrt_()
         if self.weight is not None:
-            y = y * self.weight.float()
-        return y.type_as(x)
+            y = y * (self.weight if self.weight.dtype == torch.float32 else self.weight.float())
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-# Below this many tokens, CPU matrix products run weight-first (see `linear`).
+# Below this many tokens, CPU products with a large weight run weight-first (see `linear`).
 _FEW_TOKENS = 32
+_LARGE_WEIGHT = 1 << 20  # elements; below it the two orders cost the same and F.linear is one op fewer
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias), x: [..., in], weight: [out, in].
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           contiguous: bool = True) -> torch.Tensor:
+    """x @ weight^T (+ bias), x: [..., in], weight: [out, in]. `contiguous=False` lets the weight-first path return
+    a transposed view instead of copying (the output head: the copy of [T, 262144] logits costs ~4 ms).
 
-    For a few tokens on CPU it computes (weight @ x^T)^T instead: BLAS picks a much slower kernel for x @ W^T when
-    x has few rows and W many (2-4x at 4 rows on the E2B shapes), and decode and verification are exactly that
-    case. Same products, summed in another order: equal within float rounding."""
-    if x.device.type != "cpu" or x.numel() > _FEW_TOKENS * x.shape[-1]:
+    For 2..32 tokens and a large weight on CPU it computes (weight @ x^T)^T instead: BLAS picks a much slower kernel
+    for x @ W^T when x has a few rows and W many (1.8-4x at 5 rows on the E2B shapes, measured with 2 threads), and
+    verification is exactly that case. Same products, summed in another order: equal within float rounding."""
+    tokens = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or tokens == 1 or tokens > _FEW_TOKENS or weight.numel() < _LARGE_WEIGHT:
         return F.linear(x, weight, bias)
-    y = torch.mm(weight, x.reshape(-1, x.shape[-1]).T).T.contiguous()  # [T, out]
+    y = torch.mm(weight, x.reshape(tokens, x.shape[-1]).T).T  # [T, out]
+    if contiguous:
+        y = y.contiguous()
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -59,35 +79,49 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+@functools.cache
 def rope_inv_freq(params: RopeParams, head_dim: int, device: torch.device) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2]. `proportional` keeps the first int(p * d // 2) of the default
-    frequencies, with the full head dim in the exponent's denominator, and zeroes the rest."""
-    inv = 1.0 / (params.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
-    if params.rope_type == "proportional":
-        rotated = int(params.partial_rotary_factor * head_dim // 2)
-        inv[rotated:] = 0.0
-    return inv / params.factor
+    """Inverse frequencies [head_dim / 2] (computed once per attention type and device). `proportional` keeps the
+    first int(p * d // 2) of the default frequencies, with the full head dim in the exponent's denominator, and
+    zeroes the rest."""
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        inv = 1.0 / (params.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+        if params.rope_type == "proportional":
+            rotated = int(params.partial_rotary_factor * head_dim // 2)
+            inv[rotated:] = 0.0
+        return inv / params.factor
 
 
 def rope_cos_sin(
     positions: torch.Tensor, params: RopeParams, head_dim: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [S, d] for absolute `positions` [S]; dims j and j + d/2 form one rotation pair."""
-    angles = positions[:, None].float() * rope_inv_freq(params, head_dim, positions.device)  # [S, d/2]
-    emb = torch.cat([angles, angles], dim=-1)  # [S, d]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos and signed sin [S, 1, d] for absolute `positions` [S] (the 1 broadcasts over heads); dims j and j + d/2
+    form one rotation pair.
+
+    The sin comes back with its first half negated, so that `apply_rope` rotates with a roll instead of
+    slicing, negating and concatenating (the same products: -x2 * sin == x2 * -sin exactly)."""
+    angles = positions[:, None, None].float() * rope_inv_freq(params, head_dim, positions.device)  # [S, 1, d/2]
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos().to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, n, d]; cos, sin: [S, d]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, n, d]; cos, signed_sin: [S, 1, d] from `rope_cos_sin`.
+    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], i.e. roll(x, d/2) * [-sin1, sin2]. Rounded as
+    transformers rounds (no fused multiply-add): in half precision a last-bit difference can flip a MoE routing."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, T] bool (True: may attend) -> [S, T] additive mask, 0 or -inf. Built once per forward: SDPA takes a float
+    mask as it is, while a bool one it converts in every layer."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T + mask) v with scale 1.0 (q_norm and k_norm take the place of 1/sqrt(d)).
-    q: [B, nH, S, d]; k, v: [B, n_kv, T, d], query head h reads kv head h // (nH / n_kv); mask: [S, T] bool."""
+    q: [B, nH, S, d]; k, v: [B, n_kv, T, d], query head h reads kv head h // (nH / n_kv); mask: [S, T] additive
+    (`additive_mask`) or None (every key visible)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
 
 

@@ -137,11 +137,13 @@ class Gemma4Model(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied (or separate) output projection, then final logit softcapping c * tanh(logits / c)."""
         weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = linear(h, weight)
+        logits = linear(h, weight, contiguous=False)
         cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        if cap is None:
+            return logits
+        if logits.requires_grad:  # training: tanh's backward reads its output, which mul_ would overwrite
+            return torch.tanh(logits / cap) * cap
+        return logits.div_(cap).tanh_().mul_(cap)  # in place: the logits are fresh and V wide
 
     def new_cache(self, *, batch_size: int = 1, max_length: int = 256, max_rollback: int = 16,
                   min_sliding_history: int = 0) -> KVCache:

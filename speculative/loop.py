@@ -94,9 +94,10 @@ def draft(drafter, target, token, h, cache, k: int, sampler: Sampler, generator)
     sampling, q [k, V]: the processed distributions the drafts were sampled from (empty when greedy or k = 0)."""
     position = cache.length
     views = cache.views() if k > 0 else None  # taken once: the cache does not change while drafting
+    context = drafter.context(position, views) if k > 0 else None  # masks and RoPE: the same for every step
     drafts, q = [], []
     for _ in range(k):
-        step = drafter.step(target, token, h, position, views)
+        step = drafter.step(target, token, h, position, views, context)
         logits = step.logits[:, -1]  # [1, V]
         if sampler.greedy:
             d = logits.argmax(dim=-1)  # [1]

@@ -61,7 +61,10 @@ class TableDrafter:
         self.table[..., list(favour)] += 4.0
         self._hidden, self._step = None, 0
 
-    def step(self, target, token, hidden, position, views):
+    def context(self, position, views):  # the loop builds a round's context once; this drafter needs none
+        return None
+
+    def step(self, target, token, hidden, position, views, context=None):
         self._step = self._step + 1 if hidden is self._hidden else 0  # a new round starts from the target's h
         self._hidden = torch.zeros(1, 1, target.config.hidden_size)
         logits = self.table[position, self._step, int(token)].view(1, 1, V)

@@ -62,7 +62,10 @@ class ScriptedDrafter:
         self.generation_config = {} if num_assistant_tokens is None else {"num_assistant_tokens": num_assistant_tokens}
         self.round, self.j, self._hidden, self._last_draft = -1, 0, None, None
 
-    def step(self, target, token, hidden, position, views):
+    def context(self, position, views):  # the loop builds a round's context once; this drafter needs none
+        return None
+
+    def step(self, target, token, hidden, position, views, context=None):
         if hidden is self._hidden:  # a later step of the round: it reads its own previous draft
             assert int(token) == self._last_draft
         else:
