@@ -108,7 +108,8 @@ class KVCache:
             old = torch.where(self._slot_pos < start, self._slot_pos, -1)  # hide stale slots past a rollback
             tail = positions[-self.capacity:]
             self._slot_pos.index_copy_(0, tail % self.capacity, tail)
-            key_pos = self._slot_pos if self._ring_path else torch.cat([old, positions])
+            # A first prefill has no history: its keys are the new tokens alone, not an empty ring beside them.
+            key_pos = self._slot_pos if self._ring_path else torch.cat([old, positions]) if start else positions
             q = positions[:, None]
             masks[SLIDING] = additive_mask((key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window), self.dtype)
         self._floor = max(self._floor, end - self.capacity)
@@ -131,7 +132,10 @@ class KVCache:
             kb.index_copy_(2, slots, k[:, :, -keep:])
             vb.index_copy_(2, slots, v[:, :, -keep:])
             return kb, vb
-        k_all, v_all = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)  # copies before the write below
+        if start == 0:
+            k_all, v_all = k, v
+        else:
+            k_all, v_all = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)  # copies before the write below
         kb.index_copy_(2, slots, k[:, :, -keep:])
         vb.index_copy_(2, slots, v[:, :, -keep:])
         return k_all, v_all

@@ -8,6 +8,7 @@ branches on the model name. Module names equal the checkpoint's key names after 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from .moe import Experts, Router
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, S_kept, V], softcapped
-    hidden_states: torch.Tensor  # [B, S, H], after the final norm: what the drafter takes as input
+    hidden_states: torch.Tensor  # [B, S_kept, H], after the final norm: what the drafter takes as input
 
 
 class DecoderLayer(nn.Module):
@@ -114,13 +115,16 @@ class Gemma4Model(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int | None = None
     ) -> ModelOutput:
-        """input_ids: [B, S]. `logits_to_keep=k` computes logits for the last k positions only (a prefill needs
-        one row, and the head is the largest matmul in the model); hidden states are returned for all S."""
+        """input_ids: [B, S]. `logits_to_keep=k` computes logits and hidden states for the last k positions only:
+        a prefill needs one row. That saves the head (the largest matmul) and, with KV sharing, most of the
+        KV-sharing layers (see `kv_shared_from`)."""
         B, S = input_ids.shape
+        keep = S if logits_to_keep is None else max(1, min(logits_to_keep, S))
         if cache is None:
             cache = KVCache(self.config, batch_size=B, dtype=self.dtype, device=self.device, max_length=S,
                             max_rollback=0)
         step = cache.begin(S)
+        masks = step.masks
         x = self.embed(input_ids)  # [B, S, H]
         ple = self.per_layer_inputs(input_ids, x) if self.config.uses_ple else None  # [B, S, L, P]
         rope = {
@@ -129,10 +133,25 @@ class Gemma4Model(nn.Module):
         }
         shared: dict = {}  # attention type -> (K, V) of its "store" layer in this pass, read by "reuse" layers
         for spec, layer in zip(self.config.layers, self.layers):
+            if spec.index == self.kv_shared_from and keep < S:  # from here on only the kept rows matter
+                x, ple = x[:, -keep:], ple[:, -keep:] if ple is not None else None
+                rope = {t: (cos[-keep:], sin[-keep:]) for t, (cos, sin) in rope.items()}
+                masks = {t: m[-keep:] if m is not None else None for t, m in masks.items()}
             t = spec.attention_type
-            x = layer(x, *rope[t], step.masks[t], cache, shared, ple[:, :, spec.index] if ple is not None else None)
-        h = self.norm(x)
-        return ModelOutput(self.head(h if logits_to_keep is None else h[:, -logits_to_keep:]), h)
+            x = layer(x, *rope[t], masks[t], cache, shared, ple[:, :, spec.index] if ple is not None else None)
+        h = self.norm(x[:, -keep:])  # [B, keep, H]
+        return ModelOutput(self.head(h), h)
+
+    @functools.cached_property
+    def kv_shared_from(self) -> int:
+        """Index of the first layer of the trailing run of KV-sharing layers (E2B: 15 of 35; no sharing: the
+        number of layers). Those layers store no K/V and their attention reads only K/V stored earlier in the
+        pass, so a position's output there feeds nothing but that position's own hidden state: rows whose logits
+        are not wanted can skip them (as transformers does)."""
+        index = len(self.config.layers)
+        while index > 0 and self.config.layers[index - 1].kv_mode == "reuse":
+            index -= 1
+        return index
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied (or separate) output projection, then final logit softcapping c * tanh(logits / c)."""

@@ -258,7 +258,7 @@ def teacher_inputs(target: Gemma4Model, seqs: torch.Tensor, batch: int = 16) -> 
     for i in range(0, N, batch):
         cache = target.new_cache(batch_size=len(seqs[i : i + batch]), max_length=S, max_rollback=0,
                                  min_sliding_history=S)
-        hidden.append(target(seqs[i : i + batch], cache, logits_to_keep=1).hidden_states)
+        hidden.append(target(seqs[i : i + batch], cache).hidden_states)  # every row: logits_to_keep would cut it
         for kind, view in cache.views().items():
             assert torch.equal(view.positions, torch.arange(S)), "every position must sit at its own index"
             kv.setdefault(kind, []).append((view.k.clone(), view.v.clone()))  # [b, n_kv, S, d] each

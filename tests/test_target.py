@@ -45,6 +45,31 @@ def test_incremental_decoding_equals_full_sequence(family, chunks, target_pair):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_logits_to_keep_gives_the_last_rows_and_skips_the_kv_shared_tail(family, target_pair):
+    """A prefill with logits_to_keep=k returns the last k rows of the full pass (logits and hidden states), fills
+    the cache exactly as the full pass does (decoding after it matches transformers), and runs the trailing
+    KV-sharing layers on those k rows only."""
+    hf, ours = target_pair(family)
+    ids = _ids(30, 5)
+    seen = []
+    hook = ours.layers[-1].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            ref = hf(ids, output_hidden_states=True)
+            cache = ours.new_cache(max_length=32)
+            out = ours(ids[:, :27], cache, logits_to_keep=3)
+            decoded = ours(ids[:, 27:], cache).logits
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out.logits, ref.logits[:, 24:27], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.hidden_states, ref.hidden_states[-1][:, 24:27], atol=TOL, rtol=0)
+    torch.testing.assert_close(decoded, ref.logits[:, 27:], atol=TOL, rtol=0)
+    shares_kv = ours.config.layers[-1].kv_mode == "reuse"
+    assert seen == [3 if shares_kv else 27, 3]
+    assert (ours.kv_shared_from < len(ours.layers)) == shares_kv
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_rollback_equals_never_having_seen_the_tokens(family, target_pair):
     """Process k junk tokens, roll back r <= k of them (keeping k - r), continue: logits equal a fresh pass over
     the kept sequence. Repeated across several sliding windows (W = 8) with ring wrap-around."""
