@@ -33,7 +33,8 @@ from weights import (  # noqa: E402
 
 BUNDLED_TARGET = Path(__file__).resolve().parents[1] / "tiny_gemma4" / "target"
 BUNDLED_DRAFTER = BUNDLED_TARGET.parent / "drafter"
-BUNDLED_PROMPT = 'def read_config(path):\n    """Read a JSON configuration file and return it as a dict."""\n'
+BUNDLED_PROMPT = ('class Stack:\n    """A last-in, first-out container."""\n\n    def __init__(self):\n'
+                  "        self._items = []\n\n    def push(self, item):\n")
 USER_ERRORS = (CheckpointError, ConfigError, IncompatibleDrafterError, ChatTemplateError, CacheError, ValueError,
                FileNotFoundError)
 

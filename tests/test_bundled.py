@@ -26,7 +26,7 @@ PROMPTS = [
     'class Stack:\n    """A last-in, first-out container."""\n\n    def __init__(self):\n        self._items = []\n\n'
     "    def push(self, item):\n",
 ]
-# scripts/eval_tiny.py measured 0.89 overall acceptance (N=4, 10 held-out prompts); this bound is far below it
+# scripts/eval_tiny.py measured 0.67 overall acceptance at N = 8 (0.78 at N = 4; 10 held-out prompts): far above it
 MIN_ACCEPTANCE = 0.4
 
 
