@@ -26,11 +26,10 @@ from .config import DrafterConfig
 
 @dataclass(frozen=True)
 class DraftContext:
-    """What every draft step of one round shares: the round's RoPE position, the masks over the target's K/V and
-    the rotary tables. A round's steps differ only in their input row, so this is built once per round
+    """What every draft step of one round shares: the target's K/V, the masks over it and the rotary tables of the
+    round's constant position. A round's steps differ only in their input row, so this is built once per round
     (`Drafter.context`) instead of once per step."""
 
-    positions: torch.Tensor  # [S]
     shared: dict[str, tuple[torch.Tensor, torch.Tensor]]  # attention type -> (K, V) [B, n_kv, T, d]
     masks: dict[str, torch.Tensor]  # attention type -> [S, T] additive (0 / -inf)
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # attention type -> (cos, signed sin) [S, 1, d]
@@ -100,14 +99,13 @@ class Drafter(nn.Module):
 
     def context(self, position: int | torch.Tensor, views: dict[str, KVView]) -> DraftContext:
         """Masks, K/V and rotary tables for queries at `position` (an int, or [S] positions) over `views`."""
-        text = self.config.text
-        positions = torch.as_tensor(position, device=self.pre_projection.weight.device).reshape(-1)  # [S]
+        text, weight = self.config.text, self.pre_projection.weight
+        positions = torch.as_tensor(position, device=weight.device).reshape(-1)  # [S]
         return DraftContext(
-            positions=positions,
             shared={t: (view.k, view.v) for t, view in views.items()},
-            masks={t: additive_mask(self._mask(t, view.positions, positions), self.pre_projection.weight.dtype)
+            masks={t: additive_mask(self._mask(t, view.positions, positions), weight.dtype)
                    for t, view in views.items()},
-            rope={t: rope_cos_sin(positions, text.rope[t], head_dim, self.pre_projection.weight.dtype)
+            rope={t: rope_cos_sin(positions, text.rope[t], head_dim, weight.dtype)
                   for t, head_dim in {s.attention_type: s.head_dim for s in text.layers}.items()},
         )
 
@@ -115,7 +113,8 @@ class Drafter(nn.Module):
                 views: dict[str, KVView], context: DraftContext | None = None) -> DraftOutput:
         """inputs_embeds: [B, S, 2 H_t], one query per row; `position`: an int (decoding: S = 1) or [S] positions
         (training: every position of a sequence at once). Query i reads the target K/V of positions < position[i]."""
-        context = context or self.context(position, views)
+        if context is None:
+            context = self.context(position, views)
         x = self.pre_projection(inputs_embeds)  # [B, S, H_a]
         for spec, layer in zip(self.config.text.layers, self.model.layers):
             t = spec.attention_type

@@ -108,8 +108,12 @@ class KVCache:
             old = torch.where(self._slot_pos < start, self._slot_pos, -1)  # hide stale slots past a rollback
             tail = positions[-self.capacity:]
             self._slot_pos.index_copy_(0, tail % self.capacity, tail)
-            # A first prefill has no history: its keys are the new tokens alone, not an empty ring beside them.
-            key_pos = self._slot_pos if self._ring_path else torch.cat([old, positions]) if start else positions
+            if self._ring_path:
+                key_pos = self._slot_pos
+            elif start:
+                key_pos = torch.cat([old, positions])
+            else:  # a first prefill has no history: its keys are its own tokens, not an empty ring beside them
+                key_pos = positions
             q = positions[:, None]
             masks[SLIDING] = additive_mask((key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window), self.dtype)
         self._floor = max(self._floor, end - self.capacity)
