@@ -115,12 +115,6 @@ def timed(fn: Callable, device: str) -> float:
     return time.perf_counter() - start
 
 
-def median_seconds(fn: Callable, *, warmup: int, reps: int, device: str = "cpu") -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timed(fn, device) for _ in range(reps))
-
-
 @dataclass
 class Impl:
     """One implementation behind the same calls: an empty cache, a forward returning logits, a rollback."""
@@ -153,56 +147,68 @@ def load_impl(name: str, folder: Path, dtype: torch.dtype, device: str) -> Impl:
 
 
 @torch.inference_mode()
-def forward_cost(impl: Impl, vocab: int, q: dict, device: str) -> dict:
-    """Prefill tokens/s over a q["prompt"]-token prompt (last row's logits only, as generation does) and the
-    median ms of q["decode"] one-token decode steps that follow it (after 4 untimed ones)."""
+def forward_costs(impls: list[Impl], vocab: int, q: dict, device: str) -> dict:
+    """Per implementation: prefill tokens/s over a q["prompt"]-token prompt (last row's logits only, as generation
+    does) and the median ms of q["decode"] one-token decode steps that follow it (after 4 untimed ones). The
+    implementations take turns, one prefill or one decode step each, so that a slow spell of a shared machine
+    hits them alike instead of skewing their ratio."""
     prompt = torch.randint(3, vocab, (1, q["prompt"]), generator=torch.Generator().manual_seed(0)).to(device)
-    state = {}
+    caches, prefill_s, decode_s = {}, {i.name: [] for i in impls}, {i.name: [] for i in impls}
 
-    def prefill():
-        state["cache"] = impl.new_cache(q["prompt"] + q["decode"] + 8, False)
-        impl.forward(prompt, state["cache"], 1)
+    def prefill(impl: Impl) -> None:
+        caches[impl.name] = impl.new_cache(q["prompt"] + q["decode"] + 8, False)
+        impl.forward(prompt, caches[impl.name], 1)
 
-    prefill_s = median_seconds(prefill, warmup=1, reps=q["reps"], device=device)
-    decode_s = median_seconds(lambda: impl.forward(prompt[:, -1:], state["cache"], None), warmup=4,
-                              reps=q["decode"], device=device)
-    return {"prefill_tokens_per_s": q["prompt"] / prefill_s, "decode_ms": decode_s * 1e3}
+    for rep in range(1 + q["reps"]):  # one warm-up round
+        for impl in impls:
+            t = timed(lambda: prefill(impl), device)
+            if rep:
+                prefill_s[impl.name].append(t)
+    for step in range(4 + q["decode"]):
+        for impl in impls:
+            t = timed(lambda: impl.forward(prompt[:, -1:], caches[impl.name], None), device)
+            if step >= 4:
+                decode_s[impl.name].append(t)
+    return {i.name: {"prefill_tokens_per_s": q["prompt"] / statistics.median(prefill_s[i.name]),
+                     "decode_ms": statistics.median(decode_s[i.name]) * 1e3} for i in impls}
 
 
 @torch.inference_mode()
-def verify_cost(impl: Impl, vocab: int, q: dict, device: str) -> dict[int, float]:
-    """Median ms of one forward over N+1 new tokens (all rows' logits) at a cache of q["context"] positions, for
-    N in q["ns"]; the rounds over N are interleaved so that background load hits every N alike."""
+def verify_costs(impls: list[Impl], vocab: int, q: dict, device: str) -> dict[str, dict[int, float]]:
+    """Per implementation, median ms of one forward over N+1 new tokens (all rows' logits) at a cache of
+    q["context"] positions, for N in q["ns"]; the measurements go round-robin over N and implementations."""
     ns, context = q["ns"], q["context"]
     ids = torch.randint(3, vocab, (1, context + max(ns) + 1), generator=torch.Generator().manual_seed(1)).to(device)
-    cache = impl.new_cache(context + max(ns) + 2, True)
-    impl.forward(ids[:, :context], cache, 1)
+    caches = {}
+    for impl in impls:
+        caches[impl.name] = impl.new_cache(context + max(ns) + 2, True)
+        impl.forward(ids[:, :context], caches[impl.name], 1)
 
-    def verify(n: int) -> None:
-        impl.forward(ids[:, context : context + n + 1], cache, None)
-        impl.rollback(cache, n + 1)
+    def verify(impl: Impl, n: int) -> None:
+        impl.forward(ids[:, context : context + n + 1], caches[impl.name], None)
+        impl.rollback(caches[impl.name], n + 1)
 
-    times = {n: [] for n in ns}
+    times = {(i.name, n): [] for i in impls for n in ns}
     for rep in range(q["verify_reps"] + 2):  # two warm-up rounds
         for n in ns:
-            t = timed(lambda: verify(n), device)
-            if rep >= 2:
-                times[n].append(t)
-    return {n: statistics.median(t) * 1e3 for n, t in times.items()}
+            for impl in impls:
+                t = timed(lambda: verify(impl, n), device)
+                if rep >= 2:
+                    times[impl.name, n].append(t)
+    return {i.name: {n: statistics.median(times[i.name, n]) * 1e3 for n in ns} for i in impls}
 
 
 def compare_forward(models: list[tuple[str, Path]], dtype: torch.dtype, device: str, q: dict) -> dict:
-    """{label: {impl: forward_cost}} for every (label, folder), loading one model at a time, and verify_cost of
-    both implementations on the last model, under "verify"."""
-    out = {"verify": {}}
+    """{label: {impl: forward costs}} for every (label, folder), one model at a time (ours and transformers'
+    loaded side by side), and both implementations' verify costs on the last model, under "verify"."""
+    out = {}
     for label, folder in models:
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-        for name in ("ours", "transformers"):
-            impl = load_impl(name, folder, dtype, device)
-            out.setdefault(label, {})[name] = forward_cost(impl, vocab, q, device)
-            if label == models[-1][0]:
-                out["verify"][name] = verify_cost(impl, vocab, q, device)
-            del impl
+        impls = [load_impl(name, folder, dtype, device) for name in ("ours", "transformers")]
+        out[label] = forward_costs(impls, vocab, q, device)
+        if label == models[-1][0]:
+            out["verify"] = verify_costs(impls, vocab, q, device)
+        del impls
     return out
 
 
