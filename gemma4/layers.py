@@ -61,7 +61,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     the memory bandwidth, and x @ W^T with a few rows of x picks a kernel 1.8-4x slower than W @ x^T. So the weight
     is cut into 8 blocks of rows and multiplied as a batch, [8, out/8, in] @ [in, T], which torch spreads over all
     threads and BLAS streams (measured with weights evicted from cache, 2 threads: 1.3-2.6x faster than F.linear
-    on 64 KB - 2 MB weights, 1.1-1.7x on the E2B shapes; a generation loop of the bundled pair 10% faster).
+    on 64 KB - 2 MB weights, 1.1-1.7x on the E2B shapes; a generation loop of the bundled pair ~15% faster).
     The column operand is x^T with strides (0, 1, in), the layout BLAS runs fastest (3x at one token).
     `contiguous=False` may return a transposed view of the [T, out] result instead of copying it (the output head:
     a copy of [T, 262144] logits costs ~4 ms)."""

@@ -374,32 +374,41 @@ def section_spec(args, q: dict) -> list[str]:
 
 
 # ---- draft-length trade-off -------------------------------------------------------------------------------------
-@torch.inference_mode()
-def step_costs(target, drafter, prompt: list[int], ns: list[int], reps: int) -> dict:
-    """Median seconds of c_t (one-token target decode), c_d (one drafter step + argmax) and c_v(N) (one verify
-    forward over N+1 tokens), at the cache the prompt leaves. The measurements go round-robin, one of each per
-    round, so that a slow spell of a shared machine hits every cost alike instead of skewing one of them."""
-    cache = target.new_cache(max_length=len(prompt) + 64, max_rollback=max(ns) + 2,
-                             min_sliding_history=drafter.sliding_history)
-    out = target(torch.tensor([prompt]), cache, logits_to_keep=1)
-    token, h, views = torch.tensor([[prompt[-1]]]), out.hidden_states[:, -1:], cache.views()
-    context = drafter.context(cache.length, views)
+class StepCosts:
+    """c_t (one-token target decode), c_d (one drafter step + argmax) and c_v(N) (one verify forward over N+1
+    tokens) at the cache a prompt leaves, measured in rounds of one each. The rounds are spread over the generation
+    runs whose speed they predict, so that a slow spell of a shared machine hits the costs and the runs alike."""
 
-    def verify(k: int) -> None:
-        target(torch.full((1, k), prompt[-1]), cache)
-        cache.rollback(k)
+    @torch.inference_mode()
+    def __init__(self, target, drafter, prompt: list[int], ns: list[int]):
+        cache = target.new_cache(max_length=len(prompt) + 64, max_rollback=max(ns) + 2,
+                                 min_sliding_history=drafter.sliding_history)
+        out = target(torch.tensor([prompt]), cache, logits_to_keep=1)
+        token, h, views = torch.tensor([[prompt[-1]]]), out.hidden_states[:, -1:], cache.views()
+        context = drafter.context(cache.length, views)
 
-    fns = {"c_t": lambda: verify(1), "c_d": lambda: drafter.step(target, token, h, cache.length, views,
-                                                                 context).logits.argmax(-1)}
-    fns.update({("c_v", n): (lambda n=n: verify(n + 1)) for n in ns})
-    times = {key: [] for key in fns}
-    for rep in range(reps + 3):  # three warm-up rounds
-        for key, fn in fns.items():
-            t = timed(fn, "cpu")
-            if rep >= 3:
-                times[key].append(t)
-    median = {key: statistics.median(t) for key, t in times.items()}
-    return {"c_t": median["c_t"], "c_d": median["c_d"], "c_v": {n: median["c_v", n] for n in ns}}
+        def verify(k: int) -> None:
+            target(torch.full((1, k), prompt[-1]), cache)
+            cache.rollback(k)
+
+        self.ns = ns
+        self.fns = {"c_t": lambda: verify(1),
+                    "c_d": lambda: drafter.step(target, token, h, cache.length, views, context).logits.argmax(-1)}
+        self.fns.update({("c_v", n): (lambda n=n: verify(n + 1)) for n in ns})
+        self.times = {key: [] for key in self.fns}
+
+    @torch.inference_mode()
+    def measure(self, rounds: int, keep: bool = True) -> None:
+        for _ in range(rounds):
+            for key, fn in self.fns.items():
+                t = timed(fn, "cpu")
+                if keep:
+                    self.times[key].append(t)
+
+    def medians(self) -> dict:
+        """Median seconds: {"c_t": s, "c_d": s, "c_v": {N: s}}."""
+        median = {key: statistics.median(t) for key, t in self.times.items()}
+        return {"c_t": median["c_t"], "c_d": median["c_d"], "c_v": {n: median["c_v", n] for n in self.ns}}
 
 
 def acceptance_per_position(rounds: list[tuple[int, int]], n: int) -> list[float]:
@@ -430,7 +439,9 @@ def section_tradeoff(args, q: dict) -> list[str]:
     target, drafter = load_pair(args.models)
     prompts = held_out_prompts(args.models, q["prompts"], q["prompt_tokens"])
     ns = q["tradeoff_ns"]
-    costs = step_costs(target, drafter, prompts[0], ns, q["cost_reps"])
+    timer = StepCosts(target, drafter, prompts[0], ns)
+    timer.measure(3, keep=False)  # warm-up
+    rounds_per_prompt = math.ceil(q["cost_reps"] / (q["repeats"] * len(prompts)))
     start_k = drafter.generation_config.get("num_assistant_tokens", 6)
     modes = [("target only", None, "constant"), *((str(n), n, "constant") for n in ns),
              (f"heuristic (from {start_k})", start_k, "heuristic")]
@@ -442,6 +453,8 @@ def section_tradeoff(args, q: dict) -> list[str]:
                 res = generate(target, drafter if k else None, ids, max_new_tokens=q["new_tokens"],
                                num_draft_tokens=k, schedule=schedule)
                 stats[label, i].append(res.stats)
+            timer.measure(rounds_per_prompt)
+    costs = timer.medians()
     measured = {}
     for label, k, _ in modes:
         runs = [sorted(stats[label, i], key=lambda s: s.decode_seconds)[len(stats[label, i]) // 2]  # median run
@@ -453,7 +466,7 @@ def section_tradeoff(args, q: dict) -> list[str]:
                            "acc": sum(a for _, a in rounds) / max(1, sum(d for d, _ in rounds))}
     base = measured["target only"]["tps"]
     alpha = conditional_alpha([r for n in ns for r in measured[str(n)]["rounds"]], max(ns))  # pooled over N
-    table = [f"Costs (median ms): c_t = {costs['c_t'] * 1e3:.2f} (one-token decode), c_d = {costs['c_d'] * 1e3:.2f} "
+    table = [f"Costs (median ms, measured between the generation runs): c_t = {costs['c_t'] * 1e3:.2f} (one-token decode), c_d = {costs['c_d'] * 1e3:.2f} "
              f"(drafter step), c_v(N) = " + ", ".join(f"{costs['c_v'][n] * 1e3:.2f}" for n in ns) + f" for N = {ns}.",
              f"alpha_j (P(draft j accepted | drafts < j accepted), pooled over N = {ns[0]}..{ns[-1]}): "
              + " ".join(f"{a:.3f}" for a in alpha), "",
