@@ -23,6 +23,7 @@ Random checkpoints are written tensor by tensor into a temporary folder and dele
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -115,6 +116,18 @@ def timed(fn: Callable, device: str) -> float:
     return time.perf_counter() - start
 
 
+def round_robin(fns: dict, reps: int, warmup: int = 0, device: str = "cpu") -> dict[object, list[float]]:
+    """Wall seconds of each fn, `reps` times after `warmup` untimed rounds, one call of each per round: a slow spell
+    of a shared machine then hits every measurement alike instead of skewing one of them."""
+    times = {key: [] for key in fns}
+    for rep in range(warmup + reps):
+        for key, fn in fns.items():
+            t = timed(fn, device)
+            if rep >= warmup:
+                times[key].append(t)
+    return times
+
+
 @dataclass
 class Impl:
     """One implementation behind the same calls: an empty cache, a forward returning logits, a rollback."""
@@ -153,22 +166,17 @@ def forward_costs(impls: list[Impl], vocab: int, q: dict, device: str) -> dict:
     implementations take turns, one prefill or one decode step each, so that a slow spell of a shared machine
     hits them alike instead of skewing their ratio."""
     prompt = torch.randint(3, vocab, (1, q["prompt"]), generator=torch.Generator().manual_seed(0)).to(device)
-    caches, prefill_s, decode_s = {}, {i.name: [] for i in impls}, {i.name: [] for i in impls}
+    caches = {}
 
     def prefill(impl: Impl) -> None:
         caches[impl.name] = impl.new_cache(q["prompt"] + q["decode"] + 8, False)
         impl.forward(prompt, caches[impl.name], 1)
 
-    for rep in range(1 + q["reps"]):  # one warm-up round
-        for impl in impls:
-            t = timed(lambda: prefill(impl), device)
-            if rep:
-                prefill_s[impl.name].append(t)
-    for step in range(4 + q["decode"]):
-        for impl in impls:
-            t = timed(lambda: impl.forward(prompt[:, -1:], caches[impl.name], None), device)
-            if step >= 4:
-                decode_s[impl.name].append(t)
+    def decode(impl: Impl) -> None:
+        impl.forward(prompt[:, -1:], caches[impl.name], None)
+
+    prefill_s = round_robin({i.name: functools.partial(prefill, i) for i in impls}, q["reps"], 1, device)
+    decode_s = round_robin({i.name: functools.partial(decode, i) for i in impls}, q["decode"], 4, device)
     return {i.name: {"prefill_tokens_per_s": q["prompt"] / statistics.median(prefill_s[i.name]),
                      "decode_ms": statistics.median(decode_s[i.name]) * 1e3} for i in impls}
 
@@ -188,13 +196,8 @@ def verify_costs(impls: list[Impl], vocab: int, q: dict, device: str) -> dict[st
         impl.forward(ids[:, context : context + n + 1], caches[impl.name], None)
         impl.rollback(caches[impl.name], n + 1)
 
-    times = {(i.name, n): [] for i in impls for n in ns}
-    for rep in range(q["verify_reps"] + 2):  # two warm-up rounds
-        for n in ns:
-            for impl in impls:
-                t = timed(lambda: verify(impl, n), device)
-                if rep >= 2:
-                    times[impl.name, n].append(t)
+    fns = {(i.name, n): functools.partial(verify, i, n) for n in ns for i in impls}
+    times = round_robin(fns, q["verify_reps"], 2, device)
     return {i.name: {n: statistics.median(times[i.name, n]) * 1e3 for n in ns} for i in impls}
 
 
@@ -236,23 +239,16 @@ def product_cost(q: dict) -> dict:
     """What bounds verification: median ms of one product with the E2B geometry's largest layer weight (the
     double-wide MLP of a KV-shared layer, 12288 x 1536 float32, 75 MB: more than the L3 holds, so it is read from
     memory every time) for 1, 4 and 5 rows through `gemma4.layers.linear`; next to it what the machine can do: the
-    GB/s of a sum over 256 MB (reading memory) and the GFLOP/s of a 1024^3 product (BLAS at its best). The calls go
-    round-robin like verify_cost's."""
+    GB/s of a sum over 256 MB (reading memory) and the GFLOP/s of a 1024^3 product (BLAS at its best)."""
     from gemma4.layers import linear
 
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(12288, 1536, generator=gen)
     rows = {t: torch.randn(1, t, 1536, generator=gen) for t in (1, 4, 5)}
     square, big = torch.randn(1024, 1024, generator=gen), torch.randn(1 << 26, generator=gen)
-    fns = {t: (lambda x: lambda: linear(x, weight))(x) for t, x in rows.items()}
+    fns = {t: functools.partial(linear, x, weight) for t, x in rows.items()}
     fns |= {"square": lambda: square @ square, "sum": big.sum}
-    times = {k: [] for k in fns}
-    for rep in range(q["verify_reps"] * 3 + 2):
-        for k, fn in fns.items():
-            t = timed(fn, "cpu")
-            if rep >= 2:
-                times[k].append(t)
-    out = {k: statistics.median(t) for k, t in times.items()}
+    out = {k: statistics.median(t) for k, t in round_robin(fns, q["verify_reps"] * 3, 2).items()}
     return {"ms": {t: out[t] * 1e3 for t in rows}, "weight_gb": weight.numel() * 4 / 1e9,
             "gflops": {t: 2 * weight.numel() * t / out[t] / 1e9 for t in rows},
             "square_gflops": 2 * 1024**3 / out["square"] / 1e9, "read_gbs": big.numel() * 4 / out["sum"] / 1e9}
@@ -399,11 +395,9 @@ class StepCosts:
 
     @torch.inference_mode()
     def measure(self, rounds: int, keep: bool = True) -> None:
-        for _ in range(rounds):
-            for key, fn in self.fns.items():
-                t = timed(fn, "cpu")
-                if keep:
-                    self.times[key].append(t)
+        for key, times in round_robin(self.fns, rounds).items():
+            if keep:
+                self.times[key] += times
 
     def medians(self) -> dict:
         """Median seconds: {"c_t": s, "c_d": s, "c_v": {N: s}}."""
@@ -466,8 +460,9 @@ def section_tradeoff(args, q: dict) -> list[str]:
                            "acc": sum(a for _, a in rounds) / max(1, sum(d for d, _ in rounds))}
     base = measured["target only"]["tps"]
     alpha = conditional_alpha([r for n in ns for r in measured[str(n)]["rounds"]], max(ns))  # pooled over N
-    table = [f"Costs (median ms, measured between the generation runs): c_t = {costs['c_t'] * 1e3:.2f} (one-token decode), c_d = {costs['c_d'] * 1e3:.2f} "
-             f"(drafter step), c_v(N) = " + ", ".join(f"{costs['c_v'][n] * 1e3:.2f}" for n in ns) + f" for N = {ns}.",
+    table = [f"Costs (median ms, measured between the generation runs): c_t = {costs['c_t'] * 1e3:.2f} (one-token "
+             f"decode), c_d = {costs['c_d'] * 1e3:.2f} (drafter step), c_v(N) = "
+             + ", ".join(f"{costs['c_v'][n] * 1e3:.2f}" for n in ns) + f" for N = {ns}.",
              f"alpha_j (P(draft j accepted | drafts < j accepted), pooled over N = {ns[0]}..{ns[-1]}): "
              + " ".join(f"{a:.3f}" for a in alpha), "",
              "| N | acceptance per position j = 1..N | tokens per pass | E[N] predicted | tokens/s | speedup | "
@@ -613,8 +608,9 @@ def section_cuda(args, q: dict) -> list[str]:
 # ---- main -------------------------------------------------------------------------------------------------------
 def settings(quick: bool) -> dict:
     if quick:
-        return dict(prompt=64, decode=4, reps=1, context=64, ns=[0, 1, 3, 4], verify_reps=2, prompts=2, prompt_tokens=48,
-                    new_tokens=24, repeats=1, tradeoff_ns=[1, 2, 4], cost_reps=5, memory_layers=(5, 0))
+        return dict(prompt=64, decode=4, reps=1, context=64, ns=[0, 1, 3, 4], verify_reps=2, prompts=2,
+                    prompt_tokens=48, new_tokens=24, repeats=1, tradeoff_ns=[1, 2, 4], cost_reps=5,
+                    memory_layers=(5, 0))
     return dict(prompt=512, decode=32, reps=3, context=300, ns=list(range(9)), verify_reps=7, prompts=5,
                 prompt_tokens=120, new_tokens=128, repeats=3, tradeoff_ns=list(range(1, 9)), cost_reps=30,
                 memory_layers=(35, 20))
