@@ -307,7 +307,9 @@ def test_template_renders_gemma4_turns_and_tools_like_transformers(pair):
 
 
 def test_default_format_without_template():
-    assert render_chat(None, [{"role": "user", "content": "Hello"}]) == "<bos><|turn>user\nHello<turn|>\n<|turn>model\n"
+    assert render_chat(None, [{"role": "user", "content": "Hello"}]) == (  # more in test_chat_template.py
+        "<bos><|turn>user\nHello<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    )
     messages = [
         {"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}
     ]

@@ -10,11 +10,17 @@ same template renders the same text: trim_blocks + lstrip_blocks, the loopcontro
 underscore names, and the special-token strings (`bos_token`, ...) as variables. Two deliberate differences: an
 unsafe attribute access fails at once (jinja, and so transformers, renders a single `x.__class__` as ""), and
 `{% generation %}` (transformers' assistant-mask tag) just renders its body.
+
+The inputs are prepared as `apply_chat_template` prepares them: keys whose value is None are dropped, a message's
+reasoning given as `thinking` or `reasoning` is copied to `reasoning_content` (the name templates read; Gemma 4's
+renders it as the thought channel of a tool-call turn), and Python functions in `tools` become JSON schemas
+(`weights.tool_schema`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from datetime import datetime
@@ -26,6 +32,7 @@ from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .files import read_optional_json
+from .tool_schema import ToolSchemaError, function_schema
 
 
 class ChatTemplateError(ValueError):
@@ -53,17 +60,21 @@ def render_chat(
     *,
     add_generation_prompt: bool = True,
     bos_token: str = "<bos>",
+    tools: list | None = None,
     **kwargs,
 ) -> str:
-    """The prompt for `messages` ([{"role": ..., "content": ...}]); `kwargs` (eos_token, tools, ...) reach the
-    template as variables. With no template, the plain Gemma 4 turn format (see `_gemma4_turns`)."""
+    """The prompt for `messages` ([{"role": ..., "content": ...}]); `tools` (JSON-schema dicts or documented,
+    type-hinted Python functions) and `kwargs` (eos_token, enable_thinking, ...) reach the template as variables.
+    With no template, the released Gemma 4 turn format for plain text turns (see `_gemma4_turns`)."""
+    messages = _prepare_messages(messages)
+    tools = _tool_schemas(tools)
     if template is None:
-        return _gemma4_turns(messages, add_generation_prompt, bos_token)
-    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers: None = absent
-    variables = {"tools": None, "documents": None, **kwargs}
+        return _gemma4_turns(messages, add_generation_prompt, bos_token, tools, bool(kwargs.get("enable_thinking")))
+    variables = {"documents": None, **kwargs}
     try:
         return _compile(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, **variables
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, tools=tools,
+            **variables,
         )
     except ChatTemplateError:
         raise
@@ -73,15 +84,86 @@ def render_chat(
         raise ChatTemplateError(f"chat template failed while rendering: {type(e).__name__}: {e}") from None
 
 
-def _gemma4_turns(messages: list[dict], add_generation_prompt: bool, bos_token: str) -> str:
-    """`<bos><|turn>{role}\\n{content}<turn|>\\n` per message (assistant is called "model"), then `<|turn>model\\n`."""
-    turns = []
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the first is the one templates read
+
+
+def _prepare_messages(messages: list[dict]) -> list[dict]:
+    """Copies of `messages` as transformers hands them to a template: None values dropped (None = absent), and
+    the first reasoning field present copied to `reasoning_content` (and to `thinking` when that is absent)."""
+    prepared = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ChatTemplateError(f"message {i} is a {type(message).__name__}, not a dict with 'role' and 'content'")
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        prepared.append(message)
+    return prepared
+
+
+def _tool_schemas(tools: list | None) -> list[dict] | None:
+    """`tools` with every Python function replaced by its JSON schema, as transformers converts them."""
+    if tools is None:
+        return None
+    if isinstance(tools, (dict, str)) or not hasattr(tools, "__iter__"):
+        raise ChatTemplateError(f"tools must be a list of JSON-schema dicts or functions, got a {type(tools).__name__}")
+    schemas = []
+    for tool in tools:
+        if isinstance(tool, dict):
+            schemas.append(tool)
+        elif inspect.isfunction(tool) or inspect.ismethod(tool):
+            try:
+                schemas.append(function_schema(tool))
+            except ToolSchemaError as e:
+                raise ChatTemplateError(f"{e}; document it (Google-style Args:) or pass its JSON-schema dict "
+                                        '{"type": "function", "function": {"name", "description", "parameters"}}'
+                                        ) from None
+        else:
+            raise ChatTemplateError(
+                f"a tool must be a JSON-schema dict or a Python function with a docstring and type hints, got "
+                f"{type(tool).__name__} {tool!r:.80}"
+            )
+    return schemas
+
+
+def _gemma4_turns(
+    messages: list[dict], add_generation_prompt: bool, bos_token: str, tools: list | None, enable_thinking: bool
+) -> str:
+    """What the released Gemma 4 chat template renders for plain text turns, for checkpoints that ship none:
+    `<bos>`, a system turn when the first message is a system (or developer) message or thinking is on (which
+    starts it with `<|think|>`), then `<|turn>{role}\\n{content}<turn|>\\n` per message (assistant is "model",
+    text trimmed, earlier thought channels removed from model turns), and for the generation prompt
+    `<|turn>model\\n` followed, when thinking is off, by the empty thought channel `<|channel>thought\\n<channel|>`
+    that tells the model to answer without thinking."""
+    if tools:
+        raise ChatTemplateError("this checkpoint has no chat template, and the built-in Gemma 4 format renders "
+                                "plain text turns only: pass no tools, or a template (chat_template.jinja)")
     for m in messages:
-        if not isinstance(m.get("content"), str):
-            raise ChatTemplateError(f"the default Gemma 4 format needs string content, got message {m!r}")
-        role = "model" if m.get("role") == "assistant" else m.get("role")
-        turns.append(f"<|turn>{role}\n{m['content']}<turn|>\n")
-    return bos_token + "".join(turns) + ("<|turn>model\n" if add_generation_prompt else "")
+        if not isinstance(m.get("content"), str) or m.get("role") in (None, "tool") or m.get("tool_calls"):
+            raise ChatTemplateError("this checkpoint has no chat template, and the built-in Gemma 4 format renders "
+                                    f"plain text turns only (string content, no tool calls), got message {m!r:.200}")
+    out = [bos_token]
+    has_system = bool(messages) and messages[0].get("role") in ("system", "developer")
+    if enable_thinking or has_system:
+        system = messages[0]["content"].strip() if has_system else ""
+        out.append("<|turn>system\n" + ("<|think|>\n" if enable_thinking else "") + system + "<turn|>\n")
+    previous_role = None
+    for m in messages[1:] if has_system else messages:
+        role = "model" if m["role"] == "assistant" else m["role"]
+        if not (role == "model" and previous_role == "assistant"):  # the template continues a model turn
+            out.append(f"<|turn>{role}\n")
+        out.append((_strip_thinking(m["content"]) if role == "model" else m["content"].strip()) + "<turn|>\n")
+        previous_role = m["role"]
+    if add_generation_prompt:
+        out.append("<|turn>model\n" + ("" if enable_thinking else "<|channel>thought\n<channel|>"))
+    return "".join(out)
+
+
+def _strip_thinking(text: str) -> str:
+    """`text` without its `<|channel>...<channel|>` spans, trimmed (the template's `strip_thinking` macro)."""
+    parts = [part.split("<|channel>")[0] for part in text.split("<channel|>")]
+    return "".join(parts).strip()
 
 
 def _raise_exception(message):
