@@ -1,0 +1,51 @@
+"""The README keeps its promises: the "Using the library" snippet runs as written and prints the target-only
+output, the hub download it describes is the one the loader makes, and no document names a path of the machine
+it was written on."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from speculative import generate
+from weights.files import HUB_ALLOW_PATTERNS
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("docs/**/*.md"))
+
+
+def section(title: str) -> str:
+    """The README's text from the heading `## {title}` to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.MULTILINE | re.DOTALL)
+    assert match, f"README.md has no section '## {title}'"
+    return match.group(1)
+
+
+def test_library_snippet_runs_as_written_and_prints_the_target_only_output(monkeypatch, capsys):
+    code = re.search(r"```python\n(.*?)```", section("Using the library"), re.DOTALL).group(1)
+    monkeypatch.chdir(ROOT)  # the snippet's paths are relative to the repository root
+    namespace = {}
+    exec(compile(code, "README.md (Using the library)", "exec"), namespace)
+    printed = capsys.readouterr().out
+
+    target, tokenizer, prompt = namespace["target"], namespace["tokenizer"], namespace["prompt"]
+    max_new_tokens = int(re.search(r"max_new_tokens=(\d+)", code).group(1))
+    oracle = generate(target, None, prompt, max_new_tokens=max_new_tokens).tokens  # target-only greedy
+    assert namespace["result"].tokens == oracle
+    assert printed.startswith(tokenizer.decode(oracle) + "\n")
+    assert re.fullmatch(r"\d+% of drafts accepted, \d+ tokens/s\n", printed[len(tokenizer.decode(oracle)) + 1:])
+    assert prompt[0] == tokenizer.bos_id
+    assert namespace["logits"].shape == (1, len(prompt), target.config.vocab_size)
+    assert int(namespace["logits"][0, -1].argmax()) == oracle[0]  # the forward pass's greedy token starts the output
+
+
+def test_readme_lists_what_a_hub_download_fetches():
+    listed = set(re.findall(r"`([^`]+)`", section("Running a real Gemma 4 model").split("**Generate.**")[1]))
+    assert set(HUB_ALLOW_PATTERNS) <= listed
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_docs_name_no_path_of_the_developers_machine(doc):
+    found = re.findall(r"(?:/work|/root|/home|/tmp)/\S*", doc.read_text(encoding="utf-8"))
+    assert not found, f"{doc.name} names paths of this machine: {found}"
