@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -156,6 +157,22 @@ class TensorStore:
                     raise CheckpointError(f"{file}: tensor {key!r} is cut short (truncated file?)")
                 if not direct:
                     flat[i : i + part.numel()].copy_(part)
+
+    def mapped(self, key: str) -> torch.Tensor:
+        """Tensor `key` as stored, as a view of its file's memory map: nothing is read or allocated until pages are
+        used, and those pages are the OS's file cache, not this process's heap. Copy-on-write: a write changes this
+        process's copy of a page, never the file. For tables that are only gathered by row (weights/mapped.py)."""
+        file, dtype, start, end = self._entry(key)
+        shape = self.shape(key)
+        numel = math.prod(shape)
+        if end - start != numel * dtype.itemsize or numel == 0:
+            raise CheckpointError(f"{file}: tensor {key!r} holds {end - start} bytes, its shape {list(shape)} needs "
+                                  f"{numel * dtype.itemsize}")
+        with open(file, "rb") as f:
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the map outlives the file handle
+        if buffer.size() < end:
+            raise CheckpointError(f"{file}: tensor {key!r} is cut short (truncated file?)")
+        return torch.frombuffer(buffer, dtype=dtype, count=numel, offset=start).view(shape)  # keeps `buffer` alive
 
     def _entry(self, key: str) -> tuple[Path, torch.dtype, int, int]:
         """(file, dtype, absolute start, absolute end) of a tensor's bytes, from the file's header."""

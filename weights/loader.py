@@ -23,6 +23,7 @@ from drafter import Drafter, DrafterConfig, check_compatible
 from gemma4 import Gemma4Config, Gemma4Model
 
 from .files import CheckpointError, TensorStore, read_json, read_optional_json, resolve_checkpoint
+from .mapped import MappedEmbedding
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -59,17 +60,31 @@ def load_target(
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     revision: str | None = None,
+    map_per_layer_table: bool | None = None,
 ) -> Gemma4Model:
     """Load a Gemma 4 text model (multimodal checkpoints: their language model only).
 
     The returned model carries `checkpoint_dir` (where tokenizer files live) and `generation_config` (the dict
-    from generation_config.json, empty when there is none: stop tokens and sampling defaults come from it)."""
+    from generation_config.json, empty when there is none: stop tokens and sampling defaults come from it).
+
+    `map_per_layer_table`: keep the per-layer-embedding table (E2B/E4B) memory-mapped from the checkpoint file
+    instead of loading it (a `weights.mapped.MappedEmbedding`: 4.7 GB of E2B that then cost no heap; the logits
+    are bit for bit the same). Default: on CPU yes, on a GPU no (the table is loaded onto the device)."""
     dtype, device = parse_dtype(dtype), parse_device(device)
     folder = resolve_checkpoint(path_or_repo_id, revision=revision)
     config = parse_config(folder, Gemma4Config.from_dict)
     store = TensorStore(folder)
     prefix = "model.language_model." if any(k.startswith("model.language_model.") for k in store.keys()) else "model."
-    model = build_empty(Gemma4Model, config, dtype, device)
+    mapped = config.uses_ple and (device.type == "cpu" if map_per_layer_table is None else map_per_layer_table)
+
+    def map_table(meta: nn.Embedding) -> nn.Module:
+        key = prefix + "embed_tokens_per_layer.weight"
+        if key not in store or store.shape(key) != meta.weight.shape or not store.dtype(key).is_floating_point:
+            return meta  # fill() reports the missing tensor, its shape or its dtype as for any other weight
+        return MappedEmbedding(store.mapped(key), dtype=dtype, device=device)
+
+    model = build_empty(Gemma4Model, config, dtype, device,
+                        replace={"embed_tokens_per_layer": map_table} if mapped else None)
     reuse = {str(s.index) for s in config.layers if s.kv_mode == "reuse"}
 
     def ignored(key: str) -> bool:
@@ -79,7 +94,8 @@ def load_target(
         return m is not None and m.group(1) in reuse
 
     key_of = {name: ("lm_head.weight" if name == "lm_head.weight" else prefix + name) for name in model.state_dict()}
-    fill(model, store, key_of, ignored)
+    done = {name + ".weight" for name, m in model.named_children() if isinstance(m, MappedEmbedding)}
+    fill(model, store, key_of, ignored, done)
     return finish(model, folder)
 
 
@@ -92,17 +108,22 @@ def parse_config(folder: Path, parse):
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def build_empty(cls, config, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The module with uninitialised storage: floating tensors in `dtype`, integer buffers unchanged."""
+def build_empty(cls, config, dtype: torch.dtype, device: torch.device, replace: dict | None = None) -> nn.Module:
+    """The module with uninitialised storage: floating tensors in `dtype`, integer buffers unchanged. `replace`
+    maps a submodule's name to a function of its meta-device form that returns the module to use instead, before
+    any storage is allocated (the mapped per-layer-embedding table)."""
     with torch.device("meta"):
-        model = cls(config)
-    return model.to(dtype).to_empty(device=device)
+        model = cls(config).to(dtype)
+    for name, make in (replace or {}).items():
+        setattr(model, name, make(getattr(model, name)))
+    return model.to_empty(device=device)
 
 
 @torch.no_grad()
-def fill(model: nn.Module, store: TensorStore, key_of: dict[str, str], ignored) -> None:
-    """Copy checkpoint tensor `key_of[name]` into every parameter and buffer `name` of `model`, checking shapes
-    and that each checkpoint tensor was either used or deliberately ignored."""
+def fill(model: nn.Module, store: TensorStore, key_of: dict[str, str], ignored, done: set[str] = frozenset()) -> None:
+    """Copy checkpoint tensor `key_of[name]` into every parameter and buffer `name` of `model` but those in `done`
+    (already views of the checkpoint), checking shapes and that each checkpoint tensor was either used or
+    deliberately ignored."""
     targets = model.state_dict(keep_vars=True)
     missing = [key_of[n] for n in targets if key_of[n] not in store]
     if missing:
@@ -126,7 +147,8 @@ def fill(model: nn.Module, store: TensorStore, key_of: dict[str, str], ignored) 
             )
         if store.dtype(key).is_floating_point != target.is_floating_point():
             raise CheckpointError(f"{store.folder}: tensor {key!r} has dtype {store.dtype(key)}, expected {target.dtype}")
-        store.read_into(key, target)  # converts dtype; never a second full copy
+        if name not in done:
+            store.read_into(key, target)  # converts dtype; never a second full copy
 
 
 def finish(model: nn.Module, folder: Path) -> nn.Module:
