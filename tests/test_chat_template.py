@@ -30,7 +30,8 @@ TOOL_TEMPLATE = """{{ bos_token }}
 {%- if thought and loop.index0 > ns.last_user and m.get('tool_calls') %}<|channel>thought
 {{ thought }}
 <channel|>{% endif %}
-{%- for call in m.get('tool_calls', []) %}<|tool_call>call:{{ call['function']['name'] }}{{ call['function']['arguments'] | tojson }}<tool_call|>{% endfor %}
+{%- for call in m.get('tool_calls', []) %}{% set f = call['function'] %}
+<|tool_call>call:{{ f['name'] }}{{ f['arguments'] | tojson }}<tool_call|>{% endfor %}
 {{- m.get('content', '') }}<turn|>
 {% endif %}
 {%- endfor %}
