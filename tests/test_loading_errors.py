@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from weights import CheckpointError, load_drafter, load_target
@@ -94,10 +95,42 @@ def test_pickle_only_checkpoint_is_refused(copy_of):
 
 def test_shard_index_escaping_the_folder(copy_of):
     folder = copy_of()
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")  # else the index is unread
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.norm.weight": "../evil.safetensors"}})
     )
     with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        load_target(folder)
+
+
+def test_model_safetensors_is_loaded_and_a_stray_weights_file_beside_it_is_not(copy_of):
+    """transformers reads model.safetensors when present and nothing else; "old-copy.safetensors" sorts after it,
+    and loading every file (as this project once did) let the stray file's tensors win."""
+    from transformers import Gemma4ForCausalLM
+
+    folder = copy_of()
+    stray = {k: v + 1.0 for k, v in load_file(folder / "model.safetensors").items()}
+    save_file(stray, folder / "old-copy.safetensors", metadata={"format": "pt"})
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        ref = Gemma4ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()(ids).logits
+        torch.testing.assert_close(load_target(folder)(ids).logits, ref, atol=1e-4, rtol=0)
+
+
+def test_model_safetensors_wins_over_an_index_as_in_transformers(copy_of):
+    folder = copy_of()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}})  # stale: no such shard
+    )
+    assert load_target(folder).config.num_hidden_layers == 8
+
+
+def test_weights_under_another_name_with_no_index_are_refused_naming_the_files(copy_of):
+    folder = copy_of()
+    (folder / "model.safetensors").rename(folder / "weights-b.safetensors")
+    shutil.copyfile(folder / "weights-b.safetensors", folder / "weights-a.safetensors")
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors and no model\.safetensors\.index\.json, only "
+                                              r"weights-a\.safetensors, weights-b\.safetensors"):
         load_target(folder)
 
 

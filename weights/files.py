@@ -13,7 +13,7 @@ import mmap
 import os
 import re
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +29,7 @@ _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 _CHUNK_BYTES = 64 << 20  # staging buffer when a tensor needs a dtype conversion or another device
 
 
@@ -80,23 +81,37 @@ def read_optional_json(path: Path) -> dict:
     return read_json(path) if path.exists() else {}
 
 
+def shard_path(folder: Path, name: str) -> Path | None:
+    """`folder / name` for a shard name from an index, or None when the name points outside the folder.
+
+    The check is on the name as written (no absolute path, no drive, no `..` component), never on where the file
+    resolves to: in huggingface_hub's cache `snapshots/<rev>/<shard>` is a symlink to `../../blobs/<hash>`, which
+    resolves outside the snapshot folder and is exactly what a hub download gives. Symlinks are made by whoever
+    wrote the folder (the user, the hub client); the index comes with the download and is what must not escape."""
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor or ".." in PureWindowsPath(name).parts:
+        return None  # PureWindowsPath splits at both / and \\, so "a\\..\\b" is caught on any system too
+    return folder / name
+
+
 class TensorStore:
-    """Lazy, validated access to the tensors of a checkpoint folder (single-file or sharded safetensors)."""
+    """Lazy, validated access to the tensors of a checkpoint folder, choosing its files as transformers does:
+    `model.safetensors` if present, else the shards `model.safetensors.index.json` names."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
+        single, index = folder / SINGLE_FILE, folder / INDEX_FILE
+        if not single.is_file() and index.exists():  # transformers' order: model.safetensors first, then the index
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no 'weight_map' object")
-            root = folder.resolve()
             for key, name in weight_map.items():
-                file = (folder / str(name)).resolve()
-                if root not in file.parents:
+                if not isinstance(name, str) or not name.endswith(".safetensors"):
+                    raise CheckpointError(f"{index}: shard {name!r} of tensor {key!r} is not a *.safetensors file name")
+                file = shard_path(folder, name)
+                if file is None:
                     raise CheckpointError(f"{index}: shard {name!r} of tensor {key!r} is outside the checkpoint folder")
                 if not file.is_file():
                     raise CheckpointError(f"{index}: shard {name!r} of tensor {key!r} does not exist")
@@ -105,19 +120,23 @@ class TensorStore:
                 present = set(self._open(file).keys())
                 for key in (k for k, f in self._file_of.items() if f == file and k not in present):
                     raise CheckpointError(f"{index} maps tensor {key!r} to {file.name}, which does not contain it")
+        elif single.is_file():  # any other *.safetensors beside it (an old copy, a second export) is not read
+            for key in self._open(single).keys():
+                self._file_of[key] = single
         else:
-            files = sorted(folder.glob("*.safetensors"))
-            if not files:
-                pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-                if pickles:
-                    raise CheckpointError(
-                        f"{folder} holds only pickle weights ({', '.join(pickles)}); this project reads safetensors "
-                        "only and never unpickles files. Convert them with safetensors first."
-                    )
-                raise CheckpointError(f"no *.safetensors weights in {folder}")
-            for file in files:
-                for key in self._open(file).keys():
-                    self._file_of[key] = file
+            others = sorted(p.name for p in folder.glob("*.safetensors"))
+            if others:
+                raise CheckpointError(
+                    f"{folder} has no {SINGLE_FILE} and no {INDEX_FILE}, only {', '.join(others)}: rename the weights "
+                    f"file to {SINGLE_FILE} (or write an index for shards), as transformers also reads only those names"
+                )
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(
+                    f"{folder} holds only pickle weights ({', '.join(pickles)}); this project reads safetensors "
+                    "only and never unpickles files. Convert them with safetensors first."
+                )
+            raise CheckpointError(f"no *.safetensors weights in {folder}")
 
     def keys(self) -> list[str]:
         return list(self._file_of)
