@@ -118,12 +118,14 @@ class Gemma4Config:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Gemma4Config":
-        """Parse a `gemma4_text` dict, or the text part of a multimodal `gemma4` dict (its `text_config`)."""
+        """Parse a `gemma4_text` dict, or the text part of a multimodal `gemma4` dict: its `text_config`, with the
+        fields transformers reads from the top level taken from there (`_top_level_fields`)."""
         if not isinstance(raw, dict):
             raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
+        top = None
         if model_type == "gemma4":
-            raw = raw.get("text_config")
+            top, raw = raw, raw.get("text_config")
             if not isinstance(raw, dict):
                 raise ConfigError("a 'gemma4' config needs a 'text_config' object")
             model_type = raw.get("model_type", "gemma4_text")
@@ -133,6 +135,8 @@ class Gemma4Config:
             )
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         kwargs = {k: v for k, v in raw.items() if k in known}
+        if top is not None:
+            kwargs.update(_top_level_fields(top))
         if kwargs.get("per_layer_config") is not None:
             try:
                 kwargs["per_layer_config"] = {int(k): dict(v) for k, v in kwargs["per_layer_config"].items()}
@@ -147,6 +151,22 @@ class Gemma4Config:
     def attention_types(self) -> list[str]:
         """The attention types present, in a fixed order."""
         return [t for t in ATTENTION_TYPES if t in self.layer_types]
+
+
+def _top_level_fields(top: dict) -> dict:
+    """What a multimodal (`gemma4`) config's top level decides for the text model, as transformers 5.24 does.
+
+    - `tie_word_embeddings`: Gemma4ForConditionalGeneration ties its lm_head by its own (top-level) config, whose
+      default is true; the `text_config` value is never read for tying. So the top level wins even when absent.
+    - `eos_token_id`, `bos_token_id`: with no generation_config.json, generation uses
+      `GenerationConfig.from_model_config`, which takes each non-null top-level value first and falls back to
+      `text_config`'s (the released configs say `eos_token_id: [1, 106]` at the top, `1` in text_config).
+    Everything that shapes the math (sizes, rope, softcapping, `pad_token_id`) is read from `text_config` only."""
+    fields = {"tie_word_embeddings": top.get("tie_word_embeddings", True)}
+    for name in ("eos_token_id", "bos_token_id"):
+        if top.get(name) is not None:
+            fields[name] = top[name]
+    return fields
 
 
 def _parse_rope(rope: dict, attention_type: str) -> RopeParams:

@@ -12,8 +12,10 @@ KV-sharing ("reuse") layers are skipped, as transformers does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,6 +77,7 @@ def load_target(
     config = parse_config(folder, Gemma4Config.from_dict)
     store = TensorStore(folder)
     prefix = "model.language_model." if any(k.startswith("model.language_model.") for k in store.keys()) else "model."
+    config = untie_if_head_differs(config, store, prefix)
     mapped = config.uses_ple and (device.type == "cpu" if map_per_layer_table is None else map_per_layer_table)
 
     def map_table(meta: nn.Embedding) -> nn.Module:
@@ -97,6 +100,23 @@ def load_target(
     done = {name + ".weight" for name, m in model.named_children() if isinstance(m, MappedEmbedding)}
     fill(model, store, key_of, ignored, done)
     return finish(model, folder)
+
+
+def untie_if_head_differs(config: Gemma4Config, store: TensorStore, prefix: str) -> Gemma4Config:
+    """The config, untied when it says tie_word_embeddings but the checkpoint holds an lm_head.weight that is not a
+    copy of the embeddings. transformers ties only when the head is absent or equal to the table; a different
+    head is loaded untied, with a warning. Dropping it here would silently change every logit. The comparison
+    reads both tables through the file's memory map (page cache, no heap copy), and only in this rare case."""
+    head, table = "lm_head.weight", prefix + "embed_tokens.weight"
+    if not config.tie_word_embeddings or head not in store or table not in store:
+        return config
+    if store.shape(head) == store.shape(table) and store.dtype(head) == store.dtype(table):
+        if torch.equal(store.mapped(head), store.mapped(table)):
+            return config
+    warnings.warn(f"{store.folder}: config.json ties the output head to the embeddings (tie_word_embeddings), but the "
+                  f"checkpoint holds a different {head!r}; loading it untied, as transformers does. Set "
+                  "tie_word_embeddings to false in config.json to silence this warning.", stacklevel=3)
+    return dataclasses.replace(config, tie_word_embeddings=False)
 
 
 def parse_config(folder: Path, parse):
