@@ -89,7 +89,8 @@ def walkthrough(target, drafter, tokenizer, prompt_text: str = PROMPT, *, rounds
 
         before = cache.length
         logits, hidden = verify(target, cache, token, drafts)
-        out(f"  verify in : [token, d_1..d_{k}] [1, {k + 1}] at positions {before}..{before + k}, cache length {before}")
+        out(f"  verify in : [token, d_1..d_{k}] [1, {k + 1}] at positions {before}..{before + k}, "
+            f"cache length {before}")
         out(f"  verify out: logits {shape(logits)}, hidden {shape(hidden)}, cache length {cache.length}")
         out(f"              target's argmax per row {show(tokenizer, logits.argmax(dim=-1).tolist())}")
 
