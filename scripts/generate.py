@@ -8,7 +8,8 @@
 
 The answer streams to stdout as it is accepted; a summary (tokens, rounds, acceptance, tokens per target pass,
 tokens/s) goes to stderr. `--json` prints one JSON object as the last line of stdout instead. User errors (a
-missing folder, an offline hub, a drafter that does not fit, a bad option) print one line and exit with status 2.
+missing folder, an offline hub, a drafter that does not fit, a bad option) print one line and exit with status 2;
+every option is checked, and the folders looked at, before a model is loaded.
 """
 
 from __future__ import annotations
@@ -26,48 +27,78 @@ import torch  # noqa: E402
 
 from drafter import IncompatibleDrafterError  # noqa: E402
 from gemma4 import CacheError, ConfigError  # noqa: E402
-from speculative import SCHEDULES, generate  # noqa: E402
+from speculative import SCHEDULES, NumericalError, generate  # noqa: E402
+from speculative.options import check_options  # noqa: E402
 from weights import (  # noqa: E402
     ChatTemplateError, CheckpointError, load_chat_template, load_drafter, load_target, load_tokenizer, render_chat,
 )
+from weights.loader import parse_device, parse_dtype  # noqa: E402
 
 BUNDLED_TARGET = Path(__file__).resolve().parents[1] / "tiny_gemma4" / "target"
 BUNDLED_DRAFTER = BUNDLED_TARGET.parent / "drafter"
 BUNDLED_PROMPT = ('class Stack:\n    """A last-in, first-out container."""\n\n    def __init__(self):\n'
                   "        self._items = []\n\n    def push(self, item):\n")
 USER_ERRORS = (CheckpointError, ConfigError, IncompatibleDrafterError, ChatTemplateError, CacheError, ValueError,
-               FileNotFoundError)
+               OSError)
+CUDA_HELP = ("install a CUDA build of torch (for example pip install torch --index-url "
+             "https://download.pytorch.org/whl/cu128; pytorch.org/get-started/locally lists the builds), or use "
+             "--device cpu")
+DRAFTER_TYPE = "gemma4_assistant"
 
 
 class UserError(Exception):
     """A problem with what the user asked for: printed as one line, no traceback."""
 
 
+SHOW_DRAFTS_HELP = (
+    "instead of the answer, print one line per round: [accepted/drafted], then the drafted tokens, accepted ones in "
+    "green, rejected ones in red and struck through, and the target's own next token (the bonus) in bold cyan; when "
+    "stdout is not a terminal or NO_COLOR is set, plain markers: +accepted+ -rejected- *bonus*"
+)
+THREADS_HELP = (
+    "CPU threads for torch (default: one per core that no other process is keeping busy when the run starts; "
+    "threads beyond the free cores wait on each other and run several times slower)"
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every other user error gets (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", help="checkpoint folder or hub repo id of the Gemma 4 target (default: the bundled "
                    "tiny pair in tiny_gemma4/, trained on Python source: runs offline)")
-    p.add_argument("--drafter", help="drafter folder or hub id (default: the target's id + '-assistant')")
+    p.add_argument("--drafter", help="drafter folder or hub id (default for a hub id: the id + '-assistant'; for a "
+                   "folder: a sibling folder named like it + '-assistant', or a 'drafter' folder beside it)")
     p.add_argument("--no-draft", action="store_true", help="target-only decoding (the baseline)")
-    p.add_argument("--compare", action="store_true", help="run target-only and speculative, compare outputs and speed")
+    p.add_argument("--compare", action="store_true", help="run target-only and speculative, compare outputs and "
+                   "speed (under sampling the two texts differ: they draw different random numbers)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the user message (default: a short request; for the bundled pair, the "
                         "start of a Python function, as plain text)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids (for checkpoints without a tokenizer)")
     p.add_argument("--raw", action="store_true", help="use the prompt as plain text, without the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per round (default: the drafter's "
                    "generation_config num_assistant_tokens)")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant",
                    help="constant: N every round; heuristic: +2 after a fully accepted round, -1 otherwise")
     p.add_argument("--temperature", type=float, help="0 = greedy (default: from generation_config.json)")
-    p.add_argument("--top-k", type=int, help="(default: from generation_config.json)")
-    p.add_argument("--top-p", type=float, help="(default: from generation_config.json)")
-    p.add_argument("--seed", type=int, help="random seed for sampling (default: from generation_config.json, else random)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: from "
+                   "generation_config.json)")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens whose probability reaches p "
+                   "(default: from generation_config.json)")
+    p.add_argument("--seed", type=int, help="random seed for sampling, 0 to 2**64 - 1 (default: from "
+                   "generation_config.json, else random)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if torch sees a GPU, "
+                   "else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--show-drafts", action="store_true", help="show each round: accepted drafts green, rejected red, "
-                   "the target's bonus token marked")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--show-drafts", action="store_true", help=SHOW_DRAFTS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     args = p.parse_args(argv)
     if args.target is None:  # the bundled pair: a code model without chat turns, so a raw code prompt
@@ -84,11 +115,167 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--no-draft cannot be combined with --compare or --drafter")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     return args
 
 
+def check_args(args) -> None:
+    """Everything that can be checked without loading a model, so that a mistake costs no load (minutes for a real
+    checkpoint): the options, the device and dtype, and what the given folders hold."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(args.device)
+    try:
+        parse_dtype(args.dtype or "float32")
+    except ValueError as e:
+        raise UserError(f"--dtype: {e}") from None
+    args.ids = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else None
+    given = {name: getattr(args, name) for name in CLI_OPTIONS}
+    check_cli_options(args, dict(given, temperature=0.0 if args.temperature is None else args.temperature))
+    check_folder(args.target, "--target")
+    if args.drafter is not None:
+        check_folder(args.drafter, "--drafter")
+    elif not args.no_draft:
+        args.drafter = default_drafter(args.target)
+
+
+# generate()'s keyword -> the CLI option that sets it
+CLI_OPTIONS = {"max_new_tokens": "--max-new-tokens", "num_draft_tokens": "--num-draft-tokens",
+               "schedule": "--schedule", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+               "seed": "--seed"}
+
+
+def check_cli_options(args, values: dict, source: str | None = None) -> None:
+    """The library's own checks (speculative.options.check_options), with the message naming the CLI option, or
+    `source` (the file a default came from) when the value is not the user's."""
+    try:
+        check_options(prompt_len=len(args.ids) if args.ids else 1, max_positions=float("inf"),
+                      **{name: values.get(name) for name in CLI_OPTIONS})
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")
+        if name not in CLI_OPTIONS:
+            raise
+        where = CLI_OPTIONS[name] if source is None or getattr(args, name) is not None else f"{name} from {source}"
+        raise UserError(f"{where} {rest.replace(' or None', '')}") from None
+
+
+def check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device: {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if torch.version.cuda is None:
+            raise UserError(f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; {CUDA_HELP}")
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; "
+                            "check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    try:
+        parse_device(parsed)
+    except ValueError as e:
+        raise UserError(f"--device: {e}") from None
+
+
+def check_folder(name: str, option: str) -> None:
+    """A local folder given as --target or --drafter: the mistakes a folder can reveal before loading it."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return  # a hub id, or missing: the loader names it
+    config = folder / "config.json"
+    if not config.exists():
+        inside = [d.name for d in sorted(folder.iterdir()) if (d / "config.json").is_file()]
+        if {"target", "drafter"} <= set(inside):
+            raise UserError(f"{option} {shown(folder)} is a target/drafter pair's folder: pass --target "
+                            f"{shown(folder / 'target')} (its drafter, {shown(folder / 'drafter')}, is found by "
+                            "itself)")
+        if inside:
+            raise UserError(f"{option} {shown(folder)} has no config.json; its subfolders "
+                            f"{', '.join(inside)} have one: pass one of them")
+        return  # the loader says what is missing
+    model_type = model_type_of(config)
+    if option == "--target" and model_type == DRAFTER_TYPE:
+        raise UserError(f"--target {shown(folder)} is a drafter (config.json model_type {DRAFTER_TYPE!r}): pass it "
+                        "as --drafter, and its target model as --target")
+    if option == "--drafter" and model_type in ("gemma4", "gemma4_text"):
+        raise UserError(f"--drafter {shown(folder)} is a target model (config.json model_type {model_type!r}), not "
+                        f"a drafter: pass it as --target; a drafter's model_type is {DRAFTER_TYPE!r}")
+
+
+def model_type_of(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: the loader reports it
+
+
 def default_drafter(target: str) -> str:
-    return target.rstrip("/\\") + "-assistant"
+    """The drafter when none is given: for a hub id, the id + '-assistant' (how the released drafters are named);
+    for a local folder, a local folder only (a local path is never turned into a hub request): `<folder>-assistant`
+    beside it, a `drafter` folder beside it (the bundled layout), or in the hub cache the snapshot of the
+    '-assistant' repository next to the target's."""
+    folder = Path(target).expanduser()
+    if not folder.exists():
+        return target.rstrip("/\\") + "-assistant"
+    folder = Path(os.path.normpath(folder))  # "x/" and "x/." name x
+    looked = [folder.with_name(folder.name + "-assistant"), folder.with_name("drafter")]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        repo = folder.parent.parent.with_name(folder.parent.parent.name + "-assistant")  # models--org--name-assistant
+        ref = repo / "refs" / "main"
+        looked.append(repo / "snapshots" / (ref.read_text().strip() if ref.is_file() else folder.name))
+    for candidate in looked:
+        if (candidate / "config.json").is_file() and model_type_of(candidate / "config.json") == DRAFTER_TYPE:
+            return str(candidate)
+    raise UserError(f"no drafter found for the local target {shown(folder)} (looked for "
+                    f"{' and '.join(shown(c) for c in looked)}): pass --drafter PATH_OR_HUB_ID (e.g. "
+                    "google/gemma-4-E2B-it-assistant), or --no-draft for target-only decoding")
+
+
+def shown(path) -> str:
+    """A path as the user should read it: relative to the working directory when inside it, else as it is."""
+    path = Path(path)
+    if path.is_absolute():
+        try:
+            return str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return str(path)
+    return str(path)
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UserError("--prompt-ids holds no token id")
+    return ids
+
+
+def default_threads() -> int:
+    """One thread per core that no other process keeps busy (at least one): see THREADS_NOTE."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = min(cores, torch.get_num_threads())
+    return max(1, cores - busy_elsewhere())
+
+
+def busy_elsewhere(samples: int = 10, interval: float = 0.005) -> int:
+    """How many other processes are running right now (Linux: /proc/stat's procs_running counts the runnable
+    threads of the whole machine, this one included). The minimum over a few samples 5 ms apart, so that a short
+    burst does not count and a process that keeps a core busy does; 0 where /proc/stat cannot be read."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as f:
+                counts += [int(line.split()[1]) for line in f if line.startswith("procs_running")]
+        except (OSError, ValueError, IndexError):
+            return 0
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, min(counts) - 1) if counts else 0
 
 
 def log(msg: str) -> None:
@@ -98,32 +285,31 @@ def log(msg: str) -> None:
 def load_models(args):
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     start = time.perf_counter()
-    log(f"loading target {args.target} ({dtype}, {args.device}) ...")
+    threads = f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" \
+        if args.device == "cpu" else ""
+    log(f"loading target {shown(args.target)} ({dtype}, {args.device}{threads}) ...")
     target = load_target(args.target, dtype=dtype, device=args.device)
     log(f"  {sum(p.numel() for p in target.parameters()) / 1e6:.1f}M parameters in {time.perf_counter() - start:.1f} s")
     drafter = None
     if not args.no_draft:
-        name = args.drafter or default_drafter(args.target)
         start = time.perf_counter()
-        log(f"loading drafter {name} ...")
+        log(f"loading drafter {shown(args.drafter)} ...")
         try:
-            drafter = load_drafter(name, target=target, dtype=dtype, device=args.device)
+            drafter = load_drafter(args.drafter, target=target, dtype=dtype, device=args.device)
         except CheckpointError as e:
-            if args.drafter:
+            if args.drafter_given:
                 raise
-            raise UserError(f"{e}\n(no drafter given: pass --drafter PATH, or --no-draft for target-only decoding)")
+            raise UserError(f"{e} (no --drafter given: pass --drafter PATH_OR_HUB_ID, or --no-draft for "
+                            "target-only decoding)") from None
         log(f"  {sum(p.numel() for p in drafter.parameters()) / 1e6:.1f}M parameters in {time.perf_counter() - start:.1f} s")
     return target, drafter
 
 
 def prompt_ids(args, target, tokenizer) -> list[int]:
-    if args.prompt_ids:
-        try:
-            return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise UserError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    if args.ids is not None:
+        return args.ids
     if tokenizer is None:
-        raise UserError(f"{target.checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); "
+        raise UserError(f"{shown(target.checkpoint_dir)} has no tokenizer (tokenizer.json or tokenizer.model); "
                         "pass --prompt-ids instead of --prompt")
     if args.raw:
         return tokenizer.encode(args.prompt, add_bos=True)
@@ -221,17 +407,26 @@ def report_interrupted(printer: "Printer", args) -> int:
 
 
 def summary(label: str, stats) -> str:
+    speed = f"{stats.tokens_per_second:.1f} tokens/s" if stats.decode_tokens else "no decode step to time"
     return (f"{label}: {stats.decode_tokens + 1} tokens, {len(stats.rounds)} rounds, "
             f"acceptance {100 * stats.acceptance_rate:.1f}%, {stats.mean_tokens_per_pass:.2f} tokens/target pass, "
-            f"{stats.tokens_per_second:.1f} tokens/s (prefill {stats.prefill_tokens_per_second:.0f} tokens/s)")
+            f"{speed} (prefill {stats.prefill_tokens_per_second:.0f} tokens/s)")
 
 
 def main(argv=None) -> int:
+    """Parse, check everything that needs no model, then run with the chosen thread count (restored on return, for
+    callers in the same process)."""
     args = parse_args(argv)
+    args.drafter_given = args.drafter is not None
+    check_args(args)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads or default_threads())
     try:
         return run(args)
     except Interrupted as e:
         return report_interrupted(e.printer, args)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run(args) -> int:
@@ -239,7 +434,10 @@ def run(args) -> int:
     tokenizer = load_tokenizer(target.checkpoint_dir) if has_tokenizer(target.checkpoint_dir) else None
     ids = prompt_ids(args, target, tokenizer)
     options = sampling_options(args, target)
-    report: dict = {}
+    check_cli_options(args, dict(options, max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
+                                 schedule=args.schedule),
+                      source=shown(Path(target.checkpoint_dir) / "generation_config.json"))
+    report: dict = {"threads": torch.get_num_threads()}
     if args.compare:
         log("target only:")
         baseline = run_once(target, None, ids, args, options, tokenizer, quiet=args.json)
@@ -248,9 +446,13 @@ def run(args) -> int:
     result = run_once(target, drafter, ids, args, options, tokenizer, quiet=args.json)
     log(summary("speculative" if drafter is not None else "target only", result.stats))
     if args.compare:
-        speedup = result.stats.tokens_per_second / max(baseline.stats.tokens_per_second, 1e-9)
         equal = baseline.tokens == result.tokens
-        log(f"speed-up {speedup:.2f}x; outputs {'identical' if equal else 'DIFFER'}")
+        speedup = compare_speed(baseline.stats, result.stats)
+        same = "identical" if equal else "DIFFER"
+        if options["temperature"] > 0:
+            same = (f"{'identical' if equal else 'different'} (expected under sampling: the two runs draw different "
+                    "random numbers; speculative sampling keeps the target's distribution, not its text)")
+        log(f"{f'speed-up {speedup:.2f}x' if speedup is not None else SPEEDUP_UNMEASURABLE}; outputs {same}")
         if options["temperature"] == 0 and not equal:
             log("warning: greedy outputs differ (a near-tie flipped by rounding, or a bug)")
         report.update(speedup=speedup, outputs_equal=equal, baseline={"tokens": baseline.tokens,
@@ -259,6 +461,17 @@ def run(args) -> int:
         text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer is not None else None
         print(json.dumps({"tokens": result.tokens, "text": text, "stats": result.stats.to_dict(), **report}))
     return 0
+
+
+SPEEDUP_UNMEASURABLE = "speed-up not measurable (no decode step: the prefill chose the only new token)"
+
+
+def compare_speed(baseline, speculative) -> float | None:
+    """Decode tokens/s of the speculative run over the target-only run's; None when either decoded nothing (one
+    new token, or a stop token first): the prefill's token is not a decode step, and its time is not in the rate."""
+    if not baseline.decode_tokens or not speculative.decode_tokens:
+        return None
+    return speculative.tokens_per_second / max(baseline.tokens_per_second, 1e-9)
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -270,11 +483,22 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except (UserError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except NumericalError as e:
+        print(f"error: {one_line(e)}; try --dtype bfloat16 or --dtype float32", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"error: out of memory ({one_line(e)}); try --dtype bfloat16, a smaller model, or fewer "
+              "--max-new-tokens", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ from drafter import DrafterConfig, check_compatible
 
 from .schedule import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, SCHEDULES
 
+# Sampling divides float32 logits by the temperature: below 1e-5 only tokens within ~1e-3 of the top logit keep any
+# probability (exp(-gap / T) underflows), so the draw is the argmax but for near-ties, and at ~1e-37 the quotient
+# itself overflows to inf (NaN probabilities). Refusing the range costs nothing: 0 is greedy.
+MIN_TEMPERATURE = 1e-5
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range without wrapping (it maps negative seeds onto it)
+
 
 def prompt_ids(input_ids, vocab_size: int) -> list[int]:
     """list[int], LongTensor [S] or [1, S] -> list[int], checked against the vocabulary."""
@@ -58,12 +64,16 @@ def check_options(*, prompt_len: int, max_positions: int, max_new_tokens, num_dr
         math.isfinite(temperature) and temperature >= 0
     ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}: a "
+                         "smaller one samples the argmax anyway but for near-ties, and far smaller ones overflow "
+                         "logits / temperature")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if seed is not None and not _is_int(seed):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, 2**64 - 1] or None, got {seed!r}")
 
 
 def check_drafter(drafter, target) -> None:

@@ -120,8 +120,8 @@ def test_show_drafts_marks_accepted_rejected_and_bonus(models, capsys):
         (["--target", "/no/such/folder"], "checkpoint not found"),
         (["--max-new-tokens", 0], "--max-new-tokens must be at least 1"),
         (["--temperature", -1], "temperature must be a finite number >= 0"),
-        (["--num-draft-tokens", 0], "num_draft_tokens must be an integer"),
-        (["--top-p", 1.5, "--temperature", 1], "top_p must be in (0, 1]"),
+        (["--num-draft-tokens", 0], "--num-draft-tokens must be an integer"),
+        (["--top-p", 1.5, "--temperature", 1], "--top-p must be in (0, 1]"),
         (["--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
         (["--drafter", "WRONG"], "drafter does not fit the target"),
         (["--dtype", "int8"], "unsupported dtype"),
@@ -171,3 +171,212 @@ def test_ctrl_c_prints_what_was_generated_and_the_statistics(tmp_path):
     report = last_json(out)
     assert report["interrupted"] is True and len(report["tokens"]) >= 4
     assert len(report["stats"]["rounds"]) >= 3
+
+
+# --- the front door: every mistake a user can make is one line naming the option or the file, before any load ---
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a model fails the test: the errors below must all come before it (a real checkpoint takes minutes)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(generate_script, "load_target", refuse)
+    monkeypatch.setattr(generate_script, "load_drafter", refuse)
+
+
+def one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--temperature", "1e-39"], "--temperature must be 0 (greedy) or at least 1e-05"),  # crashed in multinomial
+        (["--temperature", "1e-6"], "--temperature must be 0 (greedy) or at least 1e-05"),
+        (["--seed", "1" * 25, "--temperature", 1], "--seed must be an integer in [0, 2**64 - 1]"),  # "Overflow ..."
+        (["--seed", -1], "--seed must be an integer in [0, 2**64 - 1]"),
+        (["--seed", "x"], "argument --seed: invalid int value"),
+        (["--num-draft-tokens", 0], "--num-draft-tokens must be an integer in [1, "),  # cost a full load before
+        (["--top-k", 0, "--temperature", 1], "--top-k must be an integer >= 1"),
+        (["--max-new-tokens", 0], "--max-new-tokens must be at least 1"),
+        (["--threads", 0], "--threads must be at least 1"),
+        (["--dtype", "int8"], "--dtype: unsupported dtype 'int8'"),
+        (["--device", "gpu0"], "--device: 'gpu0' is not a device"),
+        (["--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
+    ],
+)
+def test_bad_options_fail_before_any_model_is_loaded(argv, message, models, no_loading, capsys):
+    code, _, err = run(["--target", models, *argv], capsys)
+    assert code == 2
+    assert message in one_line_error(err)
+
+
+def test_temperature_floor_and_seed_range_hold_in_the_library_too(models):
+    target = load_target(models)
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy. or at least 1e-05"):
+        generate(target, None, [2, 5], max_new_tokens=2, temperature=1e-39)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64 - 1\]"):
+        generate(target, None, [2, 5], max_new_tokens=2, temperature=1.0, seed=2**64)
+    for seed in (0, 2**64 - 1):  # the whole range torch.Generator.manual_seed takes
+        assert len(generate(target, None, [2, 5], max_new_tokens=2, temperature=1.0, seed=seed).tokens) == 2
+    assert len(generate(target, None, [2, 5], max_new_tokens=2, temperature=1e-5, seed=0).tokens) == 2
+
+
+def test_device_cuda_without_cuda_says_how_to_get_a_cuda_build(models, no_loading, monkeypatch, capsys):
+    monkeypatch.setattr(generate_script.torch.version, "cuda", None)
+    monkeypatch.setattr(generate_script.torch.cuda, "is_available", lambda: False)
+    code, _, err = run(["--target", models, "--device", "cuda"], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "--device cuda" in line and "CPU-only build" in line
+    assert "https://download.pytorch.org/whl/" in line and "--device cpu" in line
+
+
+def test_wrong_folders_say_what_to_pass(models, tmp_path, no_loading, capsys):
+    bundled = ROOT / "tiny_gemma4"
+    code, _, err = run(["--target", bundled], capsys)
+    assert code == 2 and "pass --target tiny_gemma4/target" in one_line_error(err).replace(str(ROOT) + "/", "")
+    code, _, err = run(["--target", bundled / "drafter"], capsys)
+    assert code == 2 and "is a drafter" in one_line_error(err) and "pass it as --drafter" in err
+    code, _, err = run(["--target", models, "--drafter", models], capsys)
+    assert code == 2 and "--drafter" in one_line_error(err) and "pass it as --target" in err
+
+
+def test_local_target_without_drafter_never_asks_the_hub(models, tmp_path, no_loading, monkeypatch, capsys):
+    import huggingface_hub
+
+    def hub(*args, **kwargs):
+        raise AssertionError("a local path was turned into a hub request")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    lonely = shutil.copytree(models, tmp_path / "lonely")
+    code, _, err = run(["--target", lonely, "--prompt-ids", "5,6"], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "no drafter found for the local target" in line
+    assert "lonely-assistant" in line and "--drafter" in line and "--no-draft" in line
+
+
+@pytest.mark.parametrize("layout", ["sibling", "bundled", "hub-cache"])
+def test_local_target_finds_its_drafter(layout, models, tmp_path, capsys):
+    if layout == "sibling":
+        target = shutil.copytree(models, tmp_path / "gemma")
+        drafter = shutil.copytree(str(models) + "-assistant", tmp_path / "gemma-assistant")
+    elif layout == "bundled":
+        target = shutil.copytree(models, tmp_path / "pair" / "target")
+        drafter = shutil.copytree(str(models) + "-assistant", tmp_path / "pair" / "drafter")
+    else:  # huggingface_hub's cache: models--org--name/snapshots/<rev>, refs/main naming the revision
+        target = shutil.copytree(models, tmp_path / "hub" / "models--org--gemma" / "snapshots" / "abc")
+        repo = tmp_path / "hub" / "models--org--gemma-assistant"
+        drafter = shutil.copytree(str(models) + "-assistant", repo / "snapshots" / "def")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("def")
+    assert generate_script.default_drafter(str(target)) == str(drafter)
+    code, out, err = run(["--target", target, "--prompt-ids", "5,6", "--max-new-tokens", 6, "--json"], capsys)
+    assert code == 0, err
+    assert last_json(out)["stats"]["drafter_steps"] > 0
+
+
+def test_float16_overflow_is_one_line_naming_the_dtype(tmp_path, capsys):
+    """NumericalError (NaN/inf logits) escaped as a traceback. A target whose MLP overflows float16 (65504) and not
+    float32: float32 runs, float16 stops with one line that says which dtypes to try."""
+    import torch
+
+    model = tiny.build_target("e2b")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+                p.mul_(1000)
+    folder = tiny.save(model, tmp_path / "hot")
+    code, _, err = run(["--target", folder, "--no-draft", "--prompt-ids", "5,6", "--max-new-tokens", 3], capsys)
+    assert code == 0, err
+    code, _, err = run(["--target", folder, "--no-draft", "--prompt-ids", "5,6", "--max-new-tokens", 3,
+                        "--dtype", "float16"], capsys)
+    line = one_line_error(err.split("\n", 2)[-1])  # after the two loading lines
+    assert code == 2 and "contain NaN or inf" in line and "--dtype bfloat16" in line
+
+
+def test_compare_with_one_token_does_not_claim_a_speedup(models, capsys):
+    code, out, err = run(["--target", models, "--prompt-ids", "5,6", "--max-new-tokens", 1, "--compare", "--json"],
+                         capsys)
+    assert code == 0, err
+    assert "speed-up 0.00x" not in err and "speed-up not measurable" in err
+    assert last_json(out)["speedup"] is None
+
+
+def test_compare_under_sampling_says_different_outputs_are_expected(models, capsys):
+    code, out, err = run(["--target", models, "--prompt-ids", "5,6", "--max-new-tokens", 8, "--compare",
+                          "--temperature", 1, "--seed", 0, "--json"], capsys)
+    assert code == 0, err
+    assert "expected under sampling" in err and "DIFFER" not in err and "warning" not in err
+
+
+def test_every_option_has_help_and_show_drafts_explains_its_markers(capsys):
+    with pytest.raises(SystemExit):
+        generate_script.parse_args(["--help"])
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    options = {}
+    for i, line in enumerate(lines):
+        if line.startswith("  -"):
+            signature, _, described = line.strip().partition("  ")
+            if not described.strip() and i + 1 < len(lines) and not lines[i + 1].strip().startswith("-"):
+                described = lines[i + 1]
+            options[signature.split()[0].rstrip(",")] = described.strip()
+    assert {"--target", "--drafter", "--threads", "--max-new-tokens", "--device", "--show-drafts"} <= set(options)
+    assert all(options.values()), {k: v for k, v in options.items() if not v}
+    flat = " ".join(text.split())
+    for marker in ("green", "red", "+accepted+", "-rejected-", "*bonus*", "not a terminal"):
+        assert marker in flat
+
+
+def test_threads_option_is_honoured_and_restored(models, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    for n in (1, 2):
+        code, out, err = run(["--target", models, "--prompt-ids", "5,6", "--max-new-tokens", 2, "--no-draft",
+                              "--threads", n, "--json"], capsys)
+        assert code == 0, err
+        assert last_json(out)["threads"] == n
+        assert f", {n} thread" in err
+    assert torch.get_num_threads() == before
+
+
+def test_default_threads_leave_out_the_cores_other_processes_keep_busy(monkeypatch):
+    monkeypatch.setattr(generate_script.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(generate_script.torch, "get_num_threads", lambda: 4)
+    for busy, expected in ((0, 4), (1, 3), (3, 1), (7, 1)):
+        monkeypatch.setattr(generate_script, "busy_elsewhere", lambda busy=busy: busy)
+        assert generate_script.default_threads() == expected
+
+
+def test_busy_elsewhere_sees_a_busy_process():
+    if not Path("/proc/stat").exists():
+        assert generate_script.busy_elsewhere() == 0
+        return
+    loop = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 20\n"
+                             "while time.monotonic() < end: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert generate_script.busy_elsewhere() >= 1
+    finally:
+        loop.kill()
+        loop.wait()
+
+
+def test_paths_are_shown_as_given_or_relative_to_the_working_directory(models, monkeypatch, capsys):
+    monkeypatch.chdir(models.parent)
+    code, _, err = run(["--target", models, "--prompt-ids", "5,6", "--max-new-tokens", 2], capsys)
+    assert code == 0, err
+    assert f"loading target {models.name} (" in err and f"loading drafter {models.name}-assistant ..." in err
+    assert str(models.parent) not in err
+    monkeypatch.chdir(ROOT)
+    assert generate_script.shown(generate_script.BUNDLED_TARGET) == str(Path("tiny_gemma4") / "target")
+    assert generate_script.shown("/elsewhere/model") == "/elsewhere/model"
