@@ -48,6 +48,25 @@ class RMSNorm(nn.Module):
 _FEW_TOKENS = 16
 _BLOCKED_WEIGHT = 1 << 14  # 64 KB in float32; below it F.linear is as fast and one op fewer
 _ROW_BLOCKS = 8
+# CPU inference products of up to this many tokens (decode, drafting, verification of up to 31 drafts) run as one
+# oneDNN inner product, the same kernel for every row count: see `linear`.
+_INVARIANT_TOKENS = 32
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def _onednn_inner_product(dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU run a oneDNN inner product in `dtype` (the op exists only in builds with
+    oneDNN, and oneDNN refuses dtypes the CPU has no kernel for, e.g. float16 without AVX512-FP16)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.inference_mode():
+            torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=dtype), torch.ones(8, 8, dtype=dtype), None,
+                                               "none", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -55,20 +74,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight^T (+ bias), x: [..., in], weight: [out, in]. Same products on every path, summed in another
     order: equal within float rounding.
 
-    On CPU, a product of a few tokens (decode, drafting, verification) is bound by reading the weight, and in a
-    generation loop that weight is never in cache: each forward reads every layer once, more than the L3 holds.
-    BLAS handles such products badly: a one-token product runs as a matrix-vector product on one thread, far below
-    the memory bandwidth, and x @ W^T with a few rows of x picks a kernel 1.8-4x slower than W @ x^T. So the weight
-    is cut into 8 blocks of rows and multiplied as a batch, [8, out/8, in] @ [in, T], which torch spreads over all
-    threads and BLAS streams (measured with weights evicted from cache, 2 threads: 1.3-2.6x faster than F.linear
-    on 64 KB - 2 MB weights, 1.1-1.7x on the E2B shapes; a generation loop of the bundled pair ~15% faster).
-    The column operand is x^T with strides (0, 1, in), the layout BLAS runs fastest (3x at one token).
+    Row invariance. Greedy speculative decoding gives exactly the target-only output only if a position's logits
+    do not depend on how many positions are computed with it: a verify pass computes k + 1 rows at once where
+    decoding computes one. BLAS kernels do not promise that: MKL's float32 GEMM sums a column differently for 1-3,
+    4, 5-7... columns, and the bfloat16 GEMM behind F.linear differs between 1 and 2+ rows on large weights. On CPU
+    in float32 and bfloat16, inference products of up to `_INVARIANT_TOKENS` rows therefore run as oneDNN's inner
+    product, which (measured on every Gemma 4 E2B and tiny-model shape, 1 and 2 threads) gives a row the same bits
+    for any count of 2+ rows and any row index; a single row is computed as two copies of itself, so that it takes
+    the same 2+ row kernel (tests/test_layers.py checks this bit for bit). It is also the fast kernel here: with
+    the weight coming from DRAM, 5 rows cost about 1.2x one row in bfloat16 and 1.1x in float32, where MKL's
+    float32 GEMM costs 4x. Float16 runs the row-block path below, whose kernel is row-invariant as it is.
+
+    Row blocks (float16, or no oneDNN). A product of a few tokens is bound by reading the weight, which in a
+    generation loop is never in cache. BLAS runs a one-token product as a matrix-vector product on one thread, so
+    the weight is cut into 8 blocks of rows and multiplied as a batch, [8, out/8, in] @ [in, T], which torch spreads
+    over all threads. The column operand is x^T with strides (0, 1, in), the layout BLAS runs fastest.
     `contiguous=False` may return a transposed view of the [T, out] result instead of copying it (the output head:
     a copy of [T, 262144] logits costs ~4 ms)."""
     tokens = x.numel() // x.shape[-1]
     out, inp = weight.shape
-    if (x.device.type != "cpu" or tokens > _FEW_TOKENS or weight.numel() < _BLOCKED_WEIGHT
-            or out % _ROW_BLOCKS or not weight.is_contiguous()):
+    if x.device.type != "cpu" or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    if (tokens <= _INVARIANT_TOKENS and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and _onednn_inner_product(x.dtype)):
+        rows = x.reshape(tokens, inp)
+        if tokens == 1:
+            rows = rows.expand(2, inp)  # [2, in]: the 2+ row kernel (a view; oneDNN reads it as it is)
+        y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")  # [max(T, 2), out]
+        return (y[:1] if tokens == 1 else y).view(*x.shape[:-1], out)
+    if tokens > _FEW_TOKENS or weight.numel() < _BLOCKED_WEIGHT or out % _ROW_BLOCKS:
         return F.linear(x, weight, bias)
     x = x.contiguous()
     blocks = weight.view(_ROW_BLOCKS, out // _ROW_BLOCKS, inp)  # [8, out/8, in]

@@ -50,3 +50,80 @@ def test_row_blocks_run_with_one_thread_too():
                 torch.testing.assert_close(linear(rows, weight), F.linear(rows, weight), atol=1e-4, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+# ---- dtypes and row invariance -------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+# (out, in): tiny-model products and every Gemma 4 E2B layer product (q, k/v, o of sliding and full layers, the MLP)
+INVARIANCE_SHAPES = {"tiny-q": (64, 128), "tiny-mlp": (512, 128), "tiny-down": (128, 512),
+                     "e2b-q": (2048, 1536), "e2b-kv": (256, 1536), "e2b-o": (1536, 2048),
+                     "e2b-full-q": (4096, 1536), "e2b-mlp": (6144, 1536), "e2b-down": (1536, 6144)}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("tokens", [1, 2, 5, 17, 40])
+@pytest.mark.parametrize("shape", [(64, 128), (2048, 1536), (1536, 6144)], ids=["tiny", "e2b-q", "e2b-down"])
+def test_linear_matches_a_float64_product_within_the_dtypes_rounding(dtype, tokens, shape):
+    """Inputs rounded to `dtype`, then the exact product in float64: our result may differ by a float32
+    accumulation error (every dtype accumulates in float32) and two roundings to `dtype` (the float16 path rounds
+    x @ w^T, then adds the bias)."""
+    gen = torch.Generator().manual_seed(tokens)
+    weight = (torch.randn(shape, generator=gen) * 0.05).to(dtype)
+    bias = torch.randn(shape[0], generator=gen).to(dtype)
+    x = torch.randn(1, tokens, shape[1], generator=gen).to(dtype)
+    want = F.linear(x.double(), weight.double(), bias.double())
+    bound = F.linear(x.double().abs(), weight.double().abs(), bias.double().abs())  # sum of |terms|
+    with torch.inference_mode():
+        got = linear(x, weight, bias)
+    assert got.dtype == dtype and got.shape == want.shape
+    err = (got.double() - want).abs()
+    product = F.linear(x.double(), weight.double())  # without the bias
+    allowed = UNIT_ROUNDOFF[dtype] * (want.abs() + product.abs()) + 1e-5 * bound
+    assert bool((err <= allowed).all()), f"{dtype}: worst error {(err / bound).max():.2e} of sum |terms|"
+
+
+def _rows_alone_and_together(weight: torch.Tensor, x: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(T, start, i) for every row i of x[start:start+T] whose product differs, in any bit, from that row's product
+    computed alone; T in 1..17 (a verify pass of up to 16 drafts), rows taken from the start and from the end."""
+    alone = [linear(x[i:i + 1], weight) for i in range(x.shape[0])]
+    differ = []
+    for tokens in range(1, x.shape[0] + 1):
+        for start in sorted({0, x.shape[0] - tokens}):
+            together = linear(x[start:start + tokens], weight)
+            differ += [(tokens, start, i) for i in range(tokens) if not torch.equal(together[i], alone[start + i][0])]
+    return differ
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_a_rows_product_does_not_depend_on_the_other_rows(dtype, threads):
+    """Greedy speculative == target-only needs verify rows bit-identical to one-token decode rows. HEAD's row-block
+    path failed this in float32 from 4 rows on (MKL sums 4+ columns differently), F.linear from 2."""
+    gen = torch.Generator().manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for name, shape in INVARIANCE_SHAPES.items():
+                if threads == 2 and name not in ("tiny-mlp", "e2b-q", "e2b-mlp"):
+                    continue  # keeps the suite fast: two threads on the shapes that split work between them
+                weight = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+                x = torch.randn(17, shape[1], generator=gen).to(dtype)
+                differ = _rows_alone_and_together(weight, x)
+                assert not differ, f"{name} {shape} {dtype}, {threads} threads: (T, start, row) {differ[:5]}"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_training_takes_the_differentiable_path():
+    """oneDNN's inner product has no backward (torch warns and returns no gradient): with grad required, F.linear."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(512, 128, generator=gen, requires_grad=True)
+    x = torch.randn(1, 3, 128, generator=gen)
+    linear(x, weight).square().sum().backward()
+    reference = weight.detach().clone().requires_grad_()
+    F.linear(x, reference).square().sum().backward()
+    assert weight.grad is not None
+    torch.testing.assert_close(weight.grad, reference.grad, atol=1e-4, rtol=1e-4)
