@@ -255,6 +255,13 @@ def parse_prompt_ids(text: str) -> list[int]:
     return ids
 
 
+# THREADS_NOTE. torch's own default is a thread per core, and its OpenMP threads wait for each other at the end of
+# every parallel region: when another process keeps one of those cores busy, every region waits for the thread that
+# lost its core, and decoding collapses. scripts/bench_threads.py measured it on the bundled pair on 2 shared cores
+# (two runs of 3 repeats): 2 threads decoded 0.7-20 tokens/s target-only with a busy loop beside them where 1 thread
+# decoded 15-70; OMP_WAIT_POLICY=PASSIVE made 2 threads hold up better under load, but they were slower than 1
+# thread in the runs without the busy loop (median 18.6 vs 30.7, 36.7 vs 39.4), so the wait policy is left alone. The default counts the free cores when the run starts (a process
+# that starts later is not seen: --threads N fixes the count).
 def default_threads() -> int:
     """One thread per core that no other process keeps busy (at least one): see THREADS_NOTE."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
