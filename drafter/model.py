@@ -1,6 +1,6 @@
 """The MTP drafter (Gemma 4 "assistant"): a 4-layer model that proposes tokens by reading the target's KV cache.
 
-A draft step (spec §4) takes [target embedding of the last token ; a hidden state] ([B, 1, 2 H_t]), projects it to
+A draft step (docs/drafter.md) takes [target embedding of the last token ; hidden state] ([B, 1, 2 H_t]), projects it to
 the drafter's width, runs decoder layers whose queries attend to the target's K/V of accepted positions (full
 layers: all of them; sliding layers: the last W_a + 1), normalises, and returns
 - `hidden`: projected back to the target's width, the hidden-state input of the next draft step;

@@ -53,7 +53,7 @@ class LayerSpec:
 
 @dataclass
 class Gemma4Config:
-    """The fields of a `gemma4_text` config that change the math (spec §1.1), with transformers' defaults."""
+    """The fields of a `gemma4_text` config that change the math (see docs/gemma4.md), with transformers' defaults."""
 
     vocab_size: int = 262_144
     hidden_size: int = 2304

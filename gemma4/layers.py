@@ -1,6 +1,6 @@
 """The building blocks of a Gemma 4 decoder layer: RMSNorm, rotary embeddings, attention, the gated MLP.
 
-Each is written to reproduce transformers' arithmetic step for step (spec §2), because the tests compare logits
+Each is written to reproduce transformers' arithmetic step for step (docs/gemma4.md), because the tests compare logits
 to 1e-4 and the drafter reads K/V produced by this code.
 """
 

@@ -27,7 +27,7 @@ class ModelOutput:
 
 
 class DecoderLayer(nn.Module):
-    """One layer (spec §2.4): attention and feed-forward blocks, each wrapped in pre- and post-norms, then the
+    """One layer (docs/gemma4.md): attention and feed-forward blocks, each wrapped in pre- and post-norms, then the
     per-layer-embedding gate (E2B/E4B) and a learned scalar on the whole output."""
 
     def __init__(self, config: Gemma4Config, spec: LayerSpec):
@@ -102,7 +102,7 @@ class Gemma4Model(nn.Module):
         return self.embed_tokens(input_ids) * scale
 
     def per_layer_inputs(self, input_ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """Per-layer embeddings [B, S, L, P] (spec §2.3): a token part from its own table and a context part
+        """Per-layer embeddings [B, S, L, P] (docs/gemma4.md): a token part from its own table and a context part
         projected from the scaled embedding x0, each normalised per layer, averaged with 1/sqrt(2)."""
         cfg = self.config
         shape = (*input_ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)

@@ -1,4 +1,4 @@
-"""The mixture-of-experts block of Gemma 4 26B-A4B (spec §2.8). It runs next to the dense MLP on every layer.
+"""The mixture-of-experts block of Gemma 4 26B-A4B (docs/gemma4.md). It runs next to the dense MLP on every layer.
 
 The router reads the residual stream after attention; its softmax covers all experts, then the top-k weights are
 renormalised and multiplied by a learned per-expert scale. Experts are stored stacked, as in the checkpoint:

@@ -60,7 +60,7 @@ CPU_DTYPE = torch.float32
 
 
 def e2b_config(num_layers: int, num_kv_shared: int) -> dict:
-    """config.json of an E2B-shaped text model (REAL_CHECKPOINTS.md) with `num_layers` = 5 k layers (4 s + 1 f)."""
+    """config.json of an E2B-shaped text model (E2B's released values) with `num_layers` = 5 k layers (4 s + 1 f)."""
     return {"architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text", "vocab_size": 262144,
             "hidden_size": 1536, "intermediate_size": 6144, "num_hidden_layers": num_layers,
             "num_attention_heads": 8, "num_key_value_heads": 1, "num_global_key_value_heads": None, "head_dim": 256,
@@ -339,7 +339,7 @@ def section_spec(args, q: dict) -> list[str]:
     n = args.draft_tokens or drafter.generation_config.get("num_assistant_tokens", 6)
     hf_target = Gemma4ForCausalLM.from_pretrained(args.models / "target", dtype=CPU_DTYPE).eval()
     hf_drafter = Gemma4AssistantForCausalLM.from_pretrained(args.models / "drafter", dtype=CPU_DTYPE).eval()
-    hf_drafter.generation_config.num_assistant_tokens = n  # read only from here (spec §6.2)
+    hf_drafter.generation_config.num_assistant_tokens = n  # transformers reads it only here (docs/transformers.md)
     hf_drafter.generation_config.num_assistant_tokens_schedule = "constant"
     calls = {"target": 0, "drafter": 0}
     hf_target.register_forward_hook(lambda *_: calls.__setitem__("target", calls["target"] + 1))

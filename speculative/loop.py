@@ -1,6 +1,6 @@
 """The speculative decoding loop (batch 1): prefill, then rounds of draft -> verify -> accept -> commit.
 
-State between rounds, kept by every phase (DESIGN.md): the sequence is prompt + out, of length L;
+State between rounds, kept by every phase (docs/loop.md): the sequence is prompt + out, of length L;
 - `token` [1, 1] is its last token, at position L - 1; the target's cache holds every position before it, [0, L-1);
 - `h` [1, 1, H] is the target's post-norm hidden state at position L - 2 (the one whose logits chose `token`).
 A round drafts k tokens at the constant position L - 1, verifies [token, d_1..d_k] in ONE target forward (rows

@@ -5,7 +5,7 @@ Invariants:
   float32 softmax. The loop applies it identically to the target's rows (p) and to the drafter's logits (q), so q is
   exactly the distribution drafts are drawn from.
 - Under sampling (temperature > 0), drafts are *sampled* from q (`draft_token`), never argmaxed. The rejection rule
-  `accept_sampled` is lossless only under that condition (spec §0, §6.8: transformers drafts by argmax and is biased).
+  `accept_sampled` is lossless only under that condition (docs/loop.md; transformers drafts by argmax and is biased).
 - Greedy (temperature 0): every choice is an argmax; drafts are accepted while they equal the target's argmax, so the
   output is token for token the target-only greedy output. top-k / top-p cannot change an argmax and are ignored.
 - Everything stays on the device; callers do one host sync per round on the small results.

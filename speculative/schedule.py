@@ -1,4 +1,4 @@
-"""How many tokens to draft next round (spec §0: transformers ignores its schedule; this one works).
+"""How many tokens to draft next round (docs/transformers.md: transformers ignores its schedule; this one works).
 
 - `constant`: k every round.
 - `heuristic`: all drafted tokens accepted -> k + 2; any rejected -> max(1, k - 1). A round that drafted nothing

@@ -11,7 +11,7 @@ drafts, residual draws after a rejection, the bonus token after a full acceptanc
 (rolled-back cache, new hidden state); with k = 2 a chain of two drafts. Cells with expected count < 5 are pooled.
 A good implementation must give p-value > 1e-3 (N = 800 runs, seeds 0..N-1; 500 with temperature 2, top-k 4,
 top-p 0.85 and a drafter whose top-k set misses tokens p allows); the same machinery must reject (p < 1e-6, with
-only 300 runs) transformers' biased variant, argmax drafts + the rejection test (spec §6.8), injected by
+only 300 runs) transformers' biased variant, argmax drafts + the rejection test (docs/transformers.md), injected by
 monkeypatching so the library has no broken mode. A bias too small for these sample sizes (q taken from raw drafter
 logits) is checked directly on `draft`'s output.
 """
@@ -141,7 +141,7 @@ def test_speculative_sampling_matches_the_target_distribution(target, k):
 
 
 def test_argmax_drafts_with_the_rejection_test_are_detected_as_biased(target, monkeypatch):
-    """transformers' variant (spec §6.8): drafts by argmax of q, accepted with probability min(1, p/q)."""
+    """transformers' variant (docs/transformers.md): drafts by argmax of q, accepted with probability min(1, p/q)."""
     monkeypatch.setattr(sampling, "draft_token", lambda q, generator: q.argmax(dim=-1))
     exact = exact_joint_t2_t3(target, temperature=1.0)
     counts, _ = sample_t2_t3(target, TableDrafter(), 300, num_draft_tokens=1, temperature=1.0)
@@ -167,7 +167,7 @@ def test_temperature_top_k_top_p_are_applied_to_p_and_q_alike(target):
 
 def test_draft_returns_the_processed_q_its_drafts_were_drawn_from(target):
     """The q used by the rejection test is the drafter's distribution after the same processing as p (transformers
-    uses raw drafter logits, spec §5), and every draft lies in its support. A subtle bias, so checked directly."""
+    uses raw logits, docs/transformers.md), and every draft lies in its support. A subtle bias, so checked directly."""
     from speculative.loop import draft, prefill
 
     processing = dict(temperature=2.0, top_k=4, top_p=0.85)
@@ -194,7 +194,7 @@ def test_same_seed_same_output_and_different_seeds_differ(target):
 
 # ---- the pieces ----------------------------------------------------------------------------------------------------
 def test_rejection_step_emits_p_and_argmax_drafts_do_not():
-    """One draft, p = [.5, .3, .2], q = [.25, .45, .30] (spec §6.8): sampled drafts give p; argmax drafts give
+    """One draft, p = [.5, .3, .2], q = [.25, .45, .30] (docs/loop.md): sampled drafts give p; argmax drafts give
     [1/3, 2/3, 0] (accept token 1 with probability .3/.45, else the residual puts all mass on token 0)."""
     p = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])  # [k+1, V]: row 1 is the bonus distribution
     q = torch.tensor([[0.25, 0.45, 0.30]])  # [k, V]

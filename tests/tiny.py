@@ -1,6 +1,6 @@
 """Tiny random Gemma 4 checkpoints built with transformers (the oracle), for every test.
 
-The configs are spec §7's, plus an E4B-like target (PLE, KV sharing, no double-wide MLP, 2 KV heads) and a
+The configs cover E2B, 31B and MoE, plus an E4B-like target (PLE, KV sharing, no double-wide MLP, 2 KV heads) and a
 drafter for it. The dicts carry no `model_type` (our own `Gemma4Config(**d)` takes them as they are); add
 `{"model_type": "gemma4_text", **d}` where a config.json form is needed.
 
@@ -146,7 +146,7 @@ def build_multimodal_target(family: str, seed: int = 0):
 
 
 def build_drafter(kind: str, seed: int = 0, num_assistant_tokens: int = 4, **overrides):
-    """A randomized transformers Gemma4AssistantForCausalLM with num_assistant_tokens set (spec §6.2)."""
+    """A randomized transformers Gemma4AssistantForCausalLM with num_assistant_tokens set (docs/transformers.md)."""
     from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
 
     torch.manual_seed(seed)
