@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "generation_config num_assistant_tokens)")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant",
                    help="constant: N every round; heuristic: +2 after a fully accepted round, -1 otherwise")
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: from generation_config.json)")
+    p.add_argument("--temperature", type=float, help="0 = greedy, else at least 1e-5 (default: from "
+                   "generation_config.json)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: from "
                    "generation_config.json)")
     p.add_argument("--top-p", type=float, help="sample among the most likely tokens whose probability reaches p "
