@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemma4.layers import linear
+import contextlib
+
+from gemma4.layers import linear, set_row_invariant_float32
 
 SHAPES = {
     "tall": (4096, 256),  # the E2B-like case: out >> in, 4 MB
@@ -54,7 +56,18 @@ def test_row_blocks_run_with_one_thread_too():
 
 # ---- dtypes and row invariance -------------------------------------------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "float32-invariant": float32 after set_row_invariant_float32(True) (the default float32 path is not row-invariant)
+DTYPES = {"float32": torch.float32, "float32-invariant": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def path_of(name: str):
+    set_row_invariant_float32(name == "float32-invariant")
+    try:
+        yield DTYPES[name]
+    finally:
+        set_row_invariant_float32(False)
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 # (out, in): tiny-model products and every Gemma 4 E2B layer product (q, k/v, o of sliding and full layers, the MLP)
 INVARIANCE_SHAPES = {"tiny-q": (64, 128), "tiny-mlp": (512, 128), "tiny-down": (128, 512),
@@ -62,20 +75,21 @@ INVARIANCE_SHAPES = {"tiny-q": (64, 128), "tiny-mlp": (512, 128), "tiny-down": (
                      "e2b-full-q": (4096, 1536), "e2b-mlp": (6144, 1536), "e2b-down": (1536, 6144)}
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("name", list(DTYPES))
 @pytest.mark.parametrize("tokens", [1, 2, 5, 17, 40])
 @pytest.mark.parametrize("shape", [(64, 128), (2048, 1536), (1536, 6144)], ids=["tiny", "e2b-q", "e2b-down"])
-def test_linear_matches_a_float64_product_within_the_dtypes_rounding(dtype, tokens, shape):
+def test_linear_matches_a_float64_product_within_the_dtypes_rounding(name, tokens, shape):
     """Inputs rounded to `dtype`, then the exact product in float64: our result may differ by a float32
     accumulation error (every dtype accumulates in float32) and two roundings to `dtype` (the float16 path rounds
     x @ w^T, then adds the bias)."""
+    dtype = DTYPES[name]
     gen = torch.Generator().manual_seed(tokens)
     weight = (torch.randn(shape, generator=gen) * 0.05).to(dtype)
     bias = torch.randn(shape[0], generator=gen).to(dtype)
     x = torch.randn(1, tokens, shape[1], generator=gen).to(dtype)
     want = F.linear(x.double(), weight.double(), bias.double())
     bound = F.linear(x.double().abs(), weight.double().abs(), bias.double().abs())  # sum of |terms|
-    with torch.inference_mode():
+    with torch.inference_mode(), path_of(name):
         got = linear(x, weight, bias)
     assert got.dtype == dtype and got.shape == want.shape
     err = (got.double() - want).abs()
@@ -97,15 +111,16 @@ def _rows_alone_and_together(weight: torch.Tensor, x: torch.Tensor) -> list[tupl
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-def test_a_rows_product_does_not_depend_on_the_other_rows(dtype, threads):
-    """Greedy speculative == target-only needs verify rows bit-identical to one-token decode rows. HEAD's row-block
-    path failed this in float32 from 4 rows on (MKL sums 4+ columns differently), F.linear from 2."""
+@pytest.mark.parametrize("name", ["float32-invariant", "bfloat16", "float16"])
+def test_a_rows_product_does_not_depend_on_the_other_rows(name, threads):
+    """Greedy speculative == target-only needs verify rows bit-identical to one-token decode rows. The row-block
+    path fails this in float32 from 4 rows on (MKL sums 4+ columns differently), F.linear from 2 (float32, and
+    bfloat16 on weights of 2048 x 1536 and more)."""
     gen = torch.Generator().manual_seed(0)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), path_of(name) as dtype:
             for name, shape in INVARIANCE_SHAPES.items():
                 if threads == 2 and name not in ("tiny-mlp", "e2b-q", "e2b-mlp"):
                     continue  # keeps the suite fast: two threads on the shapes that split work between them
@@ -127,3 +142,14 @@ def test_training_takes_the_differentiable_path():
     F.linear(x, reference).square().sum().backward()
     assert weight.grad is not None
     torch.testing.assert_close(weight.grad, reference.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_the_default_float32_path_is_not_row_invariant():
+    """What set_row_invariant_float32 is for: without it a float32 verify row may differ from its decode row (if
+    this starts failing, MKL became row-invariant and the float32 default can change)."""
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(2048, 1536, generator=gen) * 0.02, torch.randn(17, 1536, generator=gen)
+    with torch.inference_mode():
+        assert _rows_alone_and_together(weight, x)
+        with path_of("float32-invariant"):
+            assert not _rows_alone_and_together(weight, x)
