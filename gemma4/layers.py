@@ -105,7 +105,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Row blocks (float16, small bfloat16 weights, float32 by default, no oneDNN). A product of a few tokens is bound
     by reading the weight, which in a generation loop is never in cache. BLAS runs a one-token product as a
     matrix-vector product on one thread, so the weight is cut into 8 blocks of rows and multiplied as a batch,
-    [8, out/8, in] @ [in, T], which torch spreads over all threads. The column operand is x^T with strides (0, 1, in), the layout BLAS runs fastest.
+    [8, out/8, in] @ [in, T], which torch spreads over all threads. The column operand is x^T with strides
+    (0, 1, in), the layout BLAS runs fastest.
     `contiguous=False` may return a transposed view of the [T, out] result instead of copying it (the output head:
     a copy of [T, 262144] logits costs ~4 ms)."""
     tokens = x.numel() // x.shape[-1]
