@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from weights import CheckpointError, load_drafter, load_target
+from weights import CheckpointError, files, load_drafter, load_target
 
 
 @pytest.fixture
@@ -161,3 +161,31 @@ def test_hub_repo_id_offline(checkpoint, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "loaded 8" in out.stdout
     assert "error: cannot fetch 'tiny-org/not-cached'" in out.stdout
+
+
+@pytest.mark.parametrize("error, message", [("GatedRepoError", "is gated: accept its licence"),
+                                            ("RepositoryNotFoundError", "no hub repository")])
+def test_hub_refusals_say_what_to_do(monkeypatch, error, message):
+    """A gated repo (a subclass of 'not found' in huggingface_hub) says to accept the licence and log in, not that
+    the repository does not exist."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def refuse(*args, **kwargs):
+        raise getattr(errors, error)("refused", response=_FakeResponse())
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises(CheckpointError, match=message):
+        files.resolve_checkpoint("google/gemma-4-E2B-it")
+
+
+class _FakeResponse:
+    """Just enough of an HTTP response for huggingface_hub's error classes."""
+
+    status_code = 401
+    headers: dict = {}
+    url = "https://huggingface.co/google/gemma-4-E2B-it"
+    request = None
+
+    def json(self):
+        return {}

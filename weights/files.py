@@ -49,7 +49,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     if not _REPO_ID.match(name):
         raise CheckpointError(f"checkpoint not found: no folder {path}, and {name!r} is not a hub repo id (org/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
@@ -57,6 +59,11 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
         raise CheckpointError(
             f"cannot fetch {name!r} from the hub (offline, or no connection) and no complete copy is cached "
             f"under HF_HOME: {e}"
+        ) from None
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: caught first, it needs another remedy
+        raise CheckpointError(
+            f"{name!r} is gated: accept its licence on the model's hub page, then log in (`hf auth login`, or set "
+            "HF_TOKEN)"
         ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"no hub repository {name!r} (or it is private and HF_TOKEN is not set)") from None
