@@ -1,18 +1,28 @@
 """The KV cache, built for speculative decoding.
 
-Full-attention layers append to a growable buffer [B, n_kv, T, d]; attention reads the prefix [0, length).
-Sliding-window layers write into a ring buffer of `capacity` slots (position p lives in slot p % capacity) and keep
-each slot's absolute position in a small per-type tensor. Attention over a ring needs no ordering: the mask is built
-from those positions, so writing never moves data.
+Full-attention layers append to a growable buffer [B, n_kv, T, d] (position p at index p); attention reads the
+prefix [0, length) padded to a multiple of `KEY_BLOCK` positions, the padding masked. Sliding-window layers write
+into a ring buffer of `capacity` slots (position p lives in slot p % capacity) and keep each slot's absolute position
+in a small per-type tensor. Attention over a ring needs no ordering: the mask is built from those positions, so
+writing never moves data.
+
+The geometry is a function of the model config alone: the ring holds `sliding_capacity(config)` = W - 1 +
+`SLIDING_SLACK` slots whatever the draft length, schedule or drafter, and a full layer's keys are the positions
+themselves, padded to whole blocks. So a position's key layout, and with it the order in which attention sums over
+its keys, is the same in a target-only run and in a speculative one; `attend` then gives a row the same bits
+whether it is computed alone (a decode step) or with other rows (a verify pass), which is what makes greedy
+speculative decoding give exactly the target-only tokens in every dtype.
 
 Invariants:
 - `length` is the number of positions whose K/V are kept; a forward over S new tokens processes positions
   [length, length + S).
 - `rollback(r)` forgets the last r positions by moving `length` back. It copies and writes nothing: stale ring slots
   hold positions >= length, which every later mask hides until they are overwritten by the same positions again.
-- A ring holds `history + max_rollback` slots, `history = max(W - 1, min_sliding_history)`. That keeps, after any
-  rollback of up to `max_rollback` positions, the W - 1 positions the target's next query needs and the
-  `min_sliding_history` positions a drafter reads. A rollback that would break this raises.
+- A ring must hold `history + max_rollback` slots, `history = max(W - 1, min_sliding_history)`: that keeps, after
+  any rollback of up to `max_rollback` positions, the W - 1 positions the target's next query needs and the
+  `min_sliding_history` positions a drafter reads. The config's capacity covers every generation
+  (`speculative.generate` checks its needs against it); a caller that asks for more (training a drafter over whole
+  sequences) gets a larger ring. A rollback that would break this raises.
 - Only layers that own K/V have buffers; KV-sharing ("reuse") layers attend to the K/V of their source layer.
 
 The drafter reads the cache through `views()`: per attention type, the K/V of the type's exporting layer (the last
@@ -26,7 +36,22 @@ from dataclasses import dataclass
 import torch
 
 from .config import FULL, SLIDING, Gemma4Config
-from .layers import additive_mask
+from .layers import KEY_BLOCK, additive_mask
+
+# Ring slots beyond the W - 1 positions a target query reads: room for a drafter's longer history (the released
+# drafters read W + 1 positions: 2 more) plus a rollback of up to MAX_DRAFT_TOKENS + 1 = 33 positions
+# (speculative/schedule.py), with room to spare. Attending over 64 more keys costs little next to W (512 or 1024).
+SLIDING_SLACK = 64
+
+
+def sliding_capacity(config: Gemma4Config) -> int:
+    """Ring slots of every sliding layer: a function of the config alone, the same for every generation."""
+    return config.sliding_window - 1 + SLIDING_SLACK
+
+
+def padded(n: int) -> int:
+    """n rounded up to whole KEY_BLOCKs: the key length full layers attend over."""
+    return -(-max(n, 1) // KEY_BLOCK) * KEY_BLOCK
 
 
 class CacheError(RuntimeError):
@@ -46,11 +71,10 @@ class KVView:
 @dataclass(frozen=True)
 class Step:
     """What one forward over S new tokens needs from the cache: their positions and, per attention type, the
-    additive mask [S, T] (0 or -inf) over the keys that layer type will attend to (None when every key is
-    visible)."""
+    additive mask [S, T] (0 or -inf) over the keys that layer type will attend to."""
 
     positions: torch.Tensor  # [S] int64
-    masks: dict[str, torch.Tensor | None]
+    masks: dict[str, torch.Tensor]
 
 
 class KVCache:
@@ -71,7 +95,8 @@ class KVCache:
         self.window = config.sliding_window
         self.max_rollback = max_rollback
         self.history = max(self.window - 1, min_sliding_history)
-        self.capacity = self.history + max_rollback  # ring slots of every sliding layer
+        # ring slots of every sliding layer: the config's, unless the caller needs more (see the module docstring)
+        self.capacity = max(sliding_capacity(config), self.history + max_rollback)
         self.length = 0
         self._floor = 0  # oldest position still guaranteed to be in every ring
         self.device, self.dtype = torch.device(device), dtype
@@ -81,7 +106,7 @@ class KVCache:
         for spec in config.layers:
             if spec.kv_mode == "reuse":
                 continue
-            slots = max(max_length, 1) if spec.attention_type == FULL else self.capacity
+            slots = padded(max_length) if spec.attention_type == FULL else self.capacity
             shape = (batch_size, spec.num_kv_heads, slots, spec.head_dim)
             self._k[spec.index] = torch.zeros(shape, dtype=dtype, device=self.device)
             self._v[spec.index] = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -96,11 +121,11 @@ class KVCache:
                 f"position {end - 1} is past the model's max_position_embeddings={self.config.max_position_embeddings}"
             )
         positions = torch.arange(start, end, device=self.device)
-        self._grow(end)
-        masks: dict[str, torch.Tensor | None] = {}
-        if FULL in self.config.layer_types:
-            key_pos = torch.arange(end, device=self.device)
-            masks[FULL] = None if num_new == 1 else additive_mask(key_pos[None, :] <= positions[:, None], self.dtype)
+        self._grow(padded(end))
+        masks: dict[str, torch.Tensor] = {}
+        if FULL in self.config.layer_types:  # keys [0, padded(end)): the padding (zeros or stale) is masked
+            key_pos = torch.arange(padded(end), device=self.device)
+            masks[FULL] = additive_mask(key_pos[None, :] <= positions[:, None], self.dtype)
         if SLIDING in self.config.layer_types:
             # Ring path: the new tokens fit next to the W - 1 keys the first of them needs, so write, then attend
             # over the ring. Otherwise (long prefills) attend over [ring ; new] and write the tail afterwards.
@@ -129,7 +154,7 @@ class KVCache:
         if self.config.layers[layer].attention_type == FULL:
             kb[:, :, start:end] = k
             vb[:, :, start:end] = v
-            return kb[:, :, :end], vb[:, :, :end]
+            return kb[:, :, : padded(end)], vb[:, :, : padded(end)]
         slots = self._ring_slots
         keep = slots.shape[0]
         if self._ring_path:
@@ -149,10 +174,11 @@ class KVCache:
         """Forget the last r positions (rejected drafts). Copies nothing."""
         if r < 0 or r > self.length:
             raise CacheError(f"cannot roll back {r} positions of a cache holding {self.length}")
-        if SLIDING in self.config.layer_types and max(0, self.length - r - self.history) < self._floor:
+        if SLIDING in self.config.layer_types and (r > self.max_rollback
+                                                   or max(0, self.length - r - self.history) < self._floor):
             raise CacheError(
-                f"rolling back {r} positions would lose sliding-window entries: the cache was built with "
-                f"max_rollback={self.max_rollback}"
+                f"cannot roll back {r} positions: the cache was built with max_rollback={self.max_rollback} (its "
+                f"sliding ring of {self.capacity} slots keeps the last {self.history} positions after at most that)"
             )
         self.length -= r
 
@@ -171,7 +197,8 @@ class KVCache:
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _grow(self, needed: int) -> None:
-        """Double the full-layer buffers when `needed` positions no longer fit (amortised, rare)."""
+        """Double the full-layer buffers when `needed` positions no longer fit (amortised, rare). Position p stays
+        at index p, so growing changes no key's place in attention."""
         for layer, kb in self._k.items():
             if self.config.layers[layer].attention_type != FULL or kb.shape[2] >= needed:
                 continue

@@ -146,8 +146,21 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+# Elements per chunk of torch's vectorised elementwise loop (2 vectors of 512 bits in bfloat16; a multiple of every
+# CPU's chunk): the elements after the last whole chunk take a scalar loop.
+_VECTOR_CHUNK = 64
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+    """GELU, tanh approximation. torch's vectorised kernel and its scalar loop for a tensor's last elements differ
+    in the last bit (measured: 8% of float32 values), and which elements are last depends on how many rows the
+    tensor has; so a tensor that does not fill whole chunks is padded, and every element takes the vector kernel
+    (a 1-row decode and a 9-row verify then give a row the same bits). Real Gemma 4 widths fill whole chunks."""
+    n = x.numel()
+    if n % _VECTOR_CHUNK == 0:
+        return F.gelu(x, approximate="tanh")
+    flat = torch.cat([x.reshape(-1), x.new_zeros(_VECTOR_CHUNK - n % _VECTOR_CHUNK)])
+    return F.gelu(flat, approximate="tanh")[:n].view(x.shape)
 
 
 @functools.cache
@@ -189,11 +202,72 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
+# Attention over at most this many query rows (decode, drafting, verification) runs as `_attend_rows`, whose result
+# for a row does not depend on the other rows; longer ones (prefills, training) run as SDPA.
+INVARIANT_QUERY_ROWS = 64
+# Full-attention layers read their keys in blocks of this many positions (the cache pads their length to a multiple).
+KEY_BLOCK = 256
+# MKL's float32 GEMM computes a row with one kernel for 1-3 rows and another for 4+: every product has 4+ rows.
+_MIN_ROWS = 4
+# Half-precision attention with K/V rows narrower than this (n_kv * head_dim; tiny models) runs in float32: oneDNN's
+# half-precision products cost ~4x float32's on such small matrices (measured: 280 vs 75 us a call, bundled pair).
+_HALF_MIN_WIDTH = 256
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T + mask) v with scale 1.0 (q_norm and k_norm take the place of 1/sqrt(d)).
     q: [B, nH, S, d]; k, v: [B, n_kv, T, d], query head h reads kv head h // (nH / n_kv); mask: [S, T] additive
-    (`additive_mask`) or None (every key visible)."""
+    (`additive_mask`) or None (every key visible).
+
+    On CPU, up to `INVARIANT_QUERY_ROWS` query rows take `_attend_rows`: greedy speculative decoding is exact only
+    if a position's attention gives the same bits in a one-token decode and in a row of a verify pass, and SDPA's
+    CPU kernel gives neither (its products and sums change with the number of rows and of keys)."""
+    if q.device.type == "cpu" and q.shape[2] <= INVARIANT_QUERY_ROWS:
+        return _attend_rows(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`attend` with a result for each query row that depends only on that row, on the keys it can see and on T.
+
+    - Rows: the g = nH / n_kv query heads of a KV head and the S positions form the rows of one product per KV
+      head, [g*S, d] @ [d, T], padded with zero queries to at least `_MIN_ROWS` rows; the products used (MKL in
+      float32, oneDNN in half precision) give a row the same bits for any count of 4+ rows and any row index
+      (tests/test_dtype_equivalence.py checks this where it runs).
+    - Keys: when T is a multiple of `KEY_BLOCK` (full layers: the cache pads T so), the keys are cut into blocks
+      of KEY_BLOCK; the exp-sums and the products with V are taken per block and the blocks summed one after the
+      other (cumsum: a sequential scan). A block a row cannot see adds exact zeros, so a row gives the same bits
+      with T = 256 in a decode step and T = 512 in a verify pass that crosses a block boundary. The max over the
+      keys is exact in any order. Sliding layers read their whole ring (T fixed by the config) as one block.
+    Scores are computed in the model's dtype and rounded to it, as transformers' eager attention does (float32
+    for K/V narrower than `_HALF_MIN_WIDTH`: a choice made by shape, not by T, the same for every call of a layer);
+    the softmax statistics are float32."""
+    B, nH, S, d = q.shape
+    n_kv, T = k.shape[1], k.shape[2]
+    dtype = q.dtype
+    if dtype != torch.float32 and n_kv * d < _HALF_MIN_WIDTH:
+        q, k, v = q.float(), k.float(), v.float()
+    g = nH // n_kv
+    rows = max(S, -(-_MIN_ROWS // g))  # queries per head after padding
+    if rows > S:
+        q = torch.cat([q, q.new_zeros(B, nH, rows - S, d)], dim=2)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_zeros(rows - S, T)])
+    block = KEY_BLOCK if T > KEY_BLOCK and T % KEY_BLOCK == 0 else T
+    nb = T // block
+    s = torch.matmul(q.reshape(B, n_kv, 1, g * rows, d), k.unflatten(2, (nb, block)).transpose(-1, -2))
+    s = s.view(B, n_kv, nb, g, rows, block).float()  # [B, n_kv, nb, g, rows, block]
+    if mask is not None:
+        s = s + mask.view(rows, nb, block).transpose(0, 1)[:, None]  # [nb, 1, rows, block]
+    e = (s - s.amax(dim=(2, 5), keepdim=True)).exp_()
+    total = e.sum(-1)  # [B, n_kv, nb, g, rows]
+    o = torch.matmul(e.view(B, n_kv, nb, g * rows, block).to(v.dtype), v.unflatten(2, (nb, block)))
+    if nb > 1:  # blocks summed in order; a single block needs no sum (x + 0 == x)
+        total, o = total.cumsum(2)[:, :, -1], o.float().cumsum(2)[:, :, -1]
+    else:
+        total, o = total[:, :, 0], o[:, :, 0].float()
+    out = o.view(B, n_kv, g, rows, d) / total[..., None]  # [B, n_kv, g, rows, d]
+    return out[:, :, :, :S].reshape(B, nH, S, d).to(dtype)
 
 
 class Attention(nn.Module):

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from gemma4 import SLIDING
+from gemma4.cache import SLIDING_SLACK, sliding_capacity
+
 from . import sampling
 from .options import check_drafter, check_options, first_num_draft_tokens, prompt_ids, stop_tokens
 from .sampling import Sampler, accept_greedy, accept_sampled
@@ -44,8 +47,12 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
     sampler = Sampler(float(temperature), top_k, top_p)
     k = first_num_draft_tokens(drafter, num_draft_tokens) if drafter is not None else 0
     k_max = min(max_num_draft_tokens(schedule, k), max_new_tokens - 1)
-    cache = target.new_cache(batch_size=1, max_length=len(prompt) + max_new_tokens + k_max + 2,
-                             max_rollback=k_max + 1, min_sliding_history=getattr(drafter, "sliding_history", 0))
+    history = getattr(drafter, "sliding_history", 0)
+    check_ring(config, history, k_max)
+    # The cache's geometry depends on the config alone, not on k, the schedule or the drafter: the same key layout
+    # in a target-only and a speculative run is half of why greedy outputs agree bit for bit (gemma4/cache.py).
+    cache = target.new_cache(batch_size=1, max_length=len(prompt) + max_new_tokens, max_rollback=k_max + 1,
+                             min_sliding_history=history)
     generator = new_generator(target.device, seed)
     stats = GenerationStats(prompt_tokens=len(prompt))
     watch = Stopwatch(target.device)
@@ -76,6 +83,21 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
         k = next_num_draft_tokens(schedule, k, k_round, n_accepted)
     stats.decode_seconds = watch.lap()
     return GenerationResult(tokens=out, stats=stats)
+
+
+def check_ring(config, history: int, k_max: int) -> None:
+    """The sliding ring (`sliding_capacity(config)` slots) must keep, after rolling back a round of k_max drafts and
+    the bonus token, the W - 1 positions the target reads and the `history` positions the drafter reads."""
+    if SLIDING not in config.layer_types:
+        return
+    kept, capacity = max(config.sliding_window - 1, history), sliding_capacity(config)
+    if kept + k_max + 1 > capacity:
+        raise ValueError(
+            f"the drafter reads {history} sliding-window positions and rounds draft up to {k_max} tokens: the "
+            f"target's sliding ring holds {capacity} slots (sliding_window - 1 + SLIDING_SLACK = "
+            f"{config.sliding_window - 1} + {SLIDING_SLACK}), which allows at most {capacity - kept - 1} draft "
+            "tokens with this drafter"
+        )
 
 
 def prefill(target, cache, prompt: list[int], sampler: Sampler, generator):

@@ -1,0 +1,210 @@
+"""Greedy speculative decoding gives exactly the target-only tokens in float32, bfloat16 and float16.
+
+That holds only if a position's logits come out the same bits in a one-token decode step and in any row of a
+k + 1-token verify pass, whatever k, the schedule or the drafter. Oracles: target-only greedy decoding of the same
+model (its own correctness is tested against transformers in test_speculative.py), the one-token decode of the same
+position, and a float64 attention. Pairs: the bundled tiny pair and every tiny family of tests/tiny.py, biased so
+that drafts are accepted part of the time (verify passes then use many row counts and rollbacks).
+
+Float32 runs with `set_row_invariant_float32(True)`: by default `linear` keeps MKL's faster float32 kernels, whose
+rows depend on the row count (gemma4/layers.py), and float32 exactness is opt-in.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gemma4 import FULL, layers
+from gemma4.cache import SLIDING_SLACK, padded, sliding_capacity
+from gemma4.layers import KEY_BLOCK, _attend_rows, additive_mask
+from speculative import generate
+from tests import tiny
+from weights import load_drafter, load_target
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FAMILIES = ("e2b", "e4b", "31b", "moe")
+
+
+@pytest.fixture(autouse=True)
+def row_invariant_float32():
+    layers.set_row_invariant_float32(True)
+    yield
+    layers.set_row_invariant_float32(False)
+
+
+@pytest.fixture(scope="session")
+def pair_folders(tmp_path_factory):
+    """pair_folders(name) -> (target folder, drafter folder): the bundled pair, or a biased tiny family pair."""
+
+    @functools.cache
+    def make(name: str):
+        if name == "bundled":
+            return ROOT / "tiny_gemma4" / "target", ROOT / "tiny_gemma4" / "drafter"
+        target, drafter = tiny.build_target(name, seed=0), tiny.build_drafter(tiny.PAIRS[name], seed=1)
+        tiny.bias_vocab(target, drafter, [10, 11, 12], amount=0.3)
+        folder = tmp_path_factory.mktemp(f"biased-{name}")
+        return tiny.save(target, folder / "target", eos_token_id=()), tiny.save(drafter, folder / "drafter",
+                                                                                  eos_token_id=())
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pair(pair_folders):
+    @functools.cache
+    def make(name: str, dtype: str):
+        target_dir, drafter_dir = pair_folders(name)
+        target = load_target(target_dir, dtype=DTYPES[dtype])
+        return target, load_drafter(drafter_dir, target=target, dtype=DTYPES[dtype])
+
+    return make
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 512, (length,), generator=gen).tolist()
+
+
+BUNDLED_TEXT = '''import os
+
+
+def read_lines(path, encoding="utf-8"):
+    """Return the lines of the file at path, without their line endings."""
+    with open(path, encoding=encoding) as f:
+        return [line.rstrip("\\n") for line in f]
+
+
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+'''
+
+
+@functools.cache
+def bundled_prompt() -> list[int]:
+    from weights.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ROOT / "tiny_gemma4" / "target")
+    return [tokenizer.bos_id] + tokenizer.encode(BUNDLED_TEXT)
+
+
+# ---- whole generations ------------------------------------------------------------------------------------------
+# Each dtype takes a third of the draft lengths 1..8, so that every family runs all of them across the dtypes.
+DRAFT_LENGTHS = {"float32": (1, 4, 7), "bfloat16": (2, 5, 8), "float16": (3, 6)}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_family_greedy_speculative_equals_target_only(family, dtype, pair):
+    """Tiny families (W = 8): a 20-token prompt and 40 new tokens cross the window 7 times and wrap the ring (71
+    slots); constant N as DRAFT_LENGTHS says and the heuristic schedule (k grows after full acceptances)."""
+    target, drafter = pair(family, dtype)
+    prompt = _prompt(20, 0)
+    want = generate(target, None, prompt, max_new_tokens=40, stop_token_ids=[]).tokens
+    accepted = 0
+    for options in [{"num_draft_tokens": n} for n in DRAFT_LENGTHS[dtype]] + [{"schedule": "heuristic"}]:
+        result = generate(target, drafter, prompt, max_new_tokens=40, stop_token_ids=[], **options)
+        assert result.tokens == want, f"{family} {dtype} {options}"
+        accepted += sum(n for _, n in result.stats.rounds)
+    assert accepted > 0  # the bias makes drafts pass: verify rows beyond the first are exercised
+
+
+@pytest.mark.parametrize("dtype,options", [("float32", {"num_draft_tokens": 8}), ("bfloat16", {"schedule": "heuristic"}),
+                                           ("float16", {"num_draft_tokens": 3})])
+def test_bundled_pair_greedy_speculative_equals_target_only(dtype, options, pair):
+    """The bundled pair (W = 64): a code prompt of 98 tokens and 80 new tokens: 178 positions, 2.8 windows."""
+    target, drafter = pair("bundled", dtype)
+    prompt = bundled_prompt()
+    want = generate(target, None, prompt, max_new_tokens=80, stop_token_ids=[]).tokens
+    result = generate(target, drafter, prompt, max_new_tokens=80, stop_token_ids=[], **options)
+    assert result.tokens == want
+    assert result.stats.acceptance_rate > 0.2
+
+
+# ---- one position: a row of a verify pass equals a one-token decode -------------------------------------------
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verify_rows_equal_one_token_decodes_bit_for_bit(family, dtype, pair):
+    """After a prefill of 250 positions, k + 1 = 9 tokens as one verify pass (crossing the full layers' key block
+    at 256, wrapping the ring) give, row for row, the logits of nine one-token decode steps: bit for bit. Then
+    a rollback, and a 4-row pass over the same positions with other drafts: again bit for bit."""
+    target, _ = pair(family, dtype)
+    prompt = torch.tensor([_prompt(250, 3)])
+    block = torch.tensor([_prompt(9, 4)])
+    with torch.inference_mode():
+        one, many = target.new_cache(max_length=300), target.new_cache(max_length=300, max_rollback=9)
+        target(prompt, one), target(prompt, many)
+        decoded = torch.cat([target(block[:, i : i + 1], one).logits for i in range(9)], dim=1)  # [1, 9, V]
+        verified = target(block, many).logits
+        assert torch.equal(verified, decoded)
+        many.rollback(7)  # keep 2 of the 9
+        again = target(torch.cat([block[:, 2:3], torch.tensor([[7, 8, 9]])], dim=1), many).logits
+        assert torch.equal(again[:, 0], decoded[:, 2])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 16), (4, 2, 16), (2, 1, 32), (8, 1, 256), (8, 1, 512)])
+def test_attention_rows_do_not_depend_on_other_rows_or_masked_key_blocks(heads, kv_heads, head_dim, dtype):
+    """`_attend_rows` on tiny and Gemma 4 E2B head shapes: row i of an S-row call equals the 1-row call for the
+    same position (sliding: the same ring of T keys; full: T padded to the row's own key blocks, so a decode at
+    255 reads 256 keys where a verify pass reads 512), and stays within float rounding of a float64 attention."""
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(heads * head_dim + kv_heads)
+    for T in (71, 300):  # a tiny ring / full-layer keys crossing a block
+        k, v = (torch.randn(1, kv_heads, padded(T), head_dim, generator=gen).to(dt) for _ in range(2))
+        q = torch.randn(1, heads, 9, head_dim, generator=gen).to(dt) * head_dim**-0.25
+        k = k * head_dim**-0.25
+        for S in (2, 9):
+            positions = torch.arange(T - S, T)
+            full = T > KEY_BLOCK
+            keys = padded(T) if full else T
+            mask = additive_mask(torch.arange(keys)[None, :] <= positions[:, None], dt)
+            rows = _attend_rows(q[:, :, :S], k[:, :, :keys], v[:, :, :keys], mask)
+            for i, p in enumerate(positions.tolist()):
+                own = padded(p + 1) if full else T
+                alone = _attend_rows(q[:, :, i : i + 1], k[:, :, :own], v[:, :, :own], mask[i : i + 1, :own])
+                assert torch.equal(rows[:, :, i : i + 1], alone), (T, S, i)
+            exact = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, :S].double(), k[:, :, :keys].double(), v[:, :, :keys].double(), attn_mask=mask.double(),
+                scale=1.0, enable_gqa=heads != kv_heads)
+            tol = {torch.float32: 1e-5, torch.bfloat16: 0.05, torch.float16: 0.01}[dt]
+            torch.testing.assert_close(rows.double(), exact, atol=tol, rtol=0)
+
+
+# ---- the geometry depends on the config alone -------------------------------------------------------------------
+def test_cache_geometry_is_the_same_for_every_draft_length_schedule_and_drafter(pair, monkeypatch):
+    from gemma4 import KVCache
+
+    target, drafter = pair("e2b", "float32")
+    seen = []
+    init = KVCache.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append((self.capacity, {i: k.shape for i, k in self._k.items()}))
+
+    monkeypatch.setattr(KVCache, "__init__", recording)
+    prompt = _prompt(10, 0)
+    generate(target, None, prompt, max_new_tokens=20, stop_token_ids=[])
+    for options in ({"num_draft_tokens": 1}, {"num_draft_tokens": 8}, {"schedule": "heuristic"}):
+        generate(target, drafter, prompt, max_new_tokens=20, stop_token_ids=[], **options)
+    assert len(seen) == 4 and all(s == seen[0] for s in seen)
+    assert seen[0][0] == sliding_capacity(target.config) == target.config.sliding_window - 1 + SLIDING_SLACK
+    assert all(shape[2] % KEY_BLOCK == 0 for i, shape in seen[0][1].items()
+               if target.config.layers[i].attention_type == FULL)
+
+
+def test_a_drafter_whose_history_does_not_fit_the_ring_is_refused_naming_the_limit(pair):
+    target, _ = pair("31b", "float32")
+    W = target.config.sliding_window
+    wide = SimpleNamespace(sliding_history=W + 60, generation_config={"num_assistant_tokens": 4})
+    with pytest.raises(ValueError, match=rf"ring holds {W - 1 + SLIDING_SLACK} slots .* at most 2 draft tokens"):
+        generate(target, wide, [5, 6, 7], max_new_tokens=30, stop_token_ids=[])
