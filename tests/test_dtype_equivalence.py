@@ -117,7 +117,8 @@ def test_tiny_family_greedy_speculative_equals_target_only(family, dtype, pair):
     assert accepted > 0  # the bias makes drafts pass: verify rows beyond the first are exercised
 
 
-@pytest.mark.parametrize("dtype,options", [("float32", {"num_draft_tokens": 8}), ("bfloat16", {"schedule": "heuristic"}),
+@pytest.mark.parametrize("dtype,options", [("float32", {"num_draft_tokens": 8}),
+                                           ("bfloat16", {"schedule": "heuristic"}),
                                            ("float16", {"num_draft_tokens": 3})])
 def test_bundled_pair_greedy_speculative_equals_target_only(dtype, options, pair):
     """The bundled pair (W = 64): a code prompt of 98 tokens and 80 new tokens: 178 positions, 2.8 windows."""
@@ -208,3 +209,16 @@ def test_a_drafter_whose_history_does_not_fit_the_ring_is_refused_naming_the_lim
     wide = SimpleNamespace(sliding_history=W + 60, generation_config={"num_assistant_tokens": 4})
     with pytest.raises(ValueError, match=rf"ring holds {W - 1 + SLIDING_SLACK} slots .* at most 2 draft tokens"):
         generate(target, wide, [5, 6, 7], max_new_tokens=30, stop_token_ids=[])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_gelu_gives_a_row_the_same_bits_whatever_the_row_count(dtype):
+    """Width 8 (the tiny models' per-layer inputs): a lone row is all scalar tail in torch's elementwise loop, the
+    same row among 9 is vectorised; gelu_tanh pads so that both take the vector kernel. Oracle: the 1-row result."""
+    from gemma4.layers import gelu_tanh
+
+    x = (torch.randn(4096, 8, generator=torch.Generator().manual_seed(0)) * 3).to(DTYPES[dtype])
+    rows = torch.cat([gelu_tanh(x[i : i + 9])[:1] for i in range(0, 4096, 9)])
+    assert torch.equal(rows, torch.cat([gelu_tanh(x[i : i + 1]) for i in range(0, 4096, 9)]))
+    torch.testing.assert_close(gelu_tanh(x).double(), torch.nn.functional.gelu(x.double(), approximate="tanh"),
+                               atol={"float32": 1e-6, "bfloat16": 0.04, "float16": 0.01}[dtype], rtol=0)
