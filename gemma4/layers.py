@@ -155,9 +155,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation. torch's vectorised kernel and its scalar loop for a tensor's last elements differ
     in the last bit (measured: 8% of float32 values), and which elements are last depends on how many rows the
     tensor has; so a tensor that does not fill whole chunks is padded, and every element takes the vector kernel
-    (a 1-row decode and a 9-row verify then give a row the same bits). Real Gemma 4 widths fill whole chunks."""
+    (a 1-row decode and a 9-row verify then give a row the same bits). A non-contiguous one (the MoE's gate half)
+    is copied first: torch runs the loop per contiguous row, with a tail in every row. Real Gemma 4 widths fill
+    whole chunks."""
     n = x.numel()
-    if n % _VECTOR_CHUNK == 0:
+    if n % _VECTOR_CHUNK == 0 and x.is_contiguous():
         return F.gelu(x, approximate="tanh")
     flat = torch.cat([x.reshape(-1), x.new_zeros(_VECTOR_CHUNK - n % _VECTOR_CHUNK)])
     return F.gelu(flat, approximate="tanh")[:n].view(x.shape)

@@ -214,11 +214,16 @@ def test_a_drafter_whose_history_does_not_fit_the_ring_is_refused_naming_the_lim
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_gelu_gives_a_row_the_same_bits_whatever_the_row_count(dtype):
     """Width 8 (the tiny models' per-layer inputs): a lone row is all scalar tail in torch's elementwise loop, the
-    same row among 9 is vectorised; gelu_tanh pads so that both take the vector kernel. Oracle: the 1-row result."""
+    same row among 9 is vectorised; gelu_tanh pads so that both take the vector kernel, and copies a non-contiguous
+    input first. Oracle: the 1-row result."""
     from gemma4.layers import gelu_tanh
 
     x = (torch.randn(4096, 8, generator=torch.Generator().manual_seed(0)) * 3).to(DTYPES[dtype])
     rows = torch.cat([gelu_tanh(x[i : i + 9])[:1] for i in range(0, 4096, 9)])
     assert torch.equal(rows, torch.cat([gelu_tanh(x[i : i + 1]) for i in range(0, 4096, 9)]))
+    # the MoE's gate half: [n, 32] columns of [n, 64], not contiguous (torch then loops per row, a tail in each)
+    gate = (torch.randn(4096, 64, generator=torch.Generator().manual_seed(1)) * 3).to(DTYPES[dtype]).chunk(2, -1)[0]
+    rows = torch.cat([gelu_tanh(gate[i : i + 2])[:1] for i in range(0, 4096, 2)])
+    assert torch.equal(rows, torch.cat([gelu_tanh(gate[i : i + 1]) for i in range(0, 4096, 2)]))
     torch.testing.assert_close(gelu_tanh(x).double(), torch.nn.functional.gelu(x.double(), approximate="tanh"),
                                atol={"float32": 1e-6, "bfloat16": 0.04, "float16": 0.01}[dtype], rtol=0)
