@@ -48,17 +48,13 @@ class RMSNorm(nn.Module):
 _FEW_TOKENS = 16
 _BLOCKED_WEIGHT = 1 << 14  # 64 KB in float32; below it F.linear is as fast and one op fewer
 _ROW_BLOCKS = 8
-# CPU inference products of up to this many tokens (decode, drafting, verification of up to 31 drafts) in these
-# dtypes run as one oneDNN inner product, the same kernel for every row count: see `linear`.
-_INVARIANT_TOKENS = 32
+# CPU inference products in these dtypes run as oneDNN's inner product, the same kernel for every row count and
+# weight size: see `linear`.
 _ONEDNN_DTYPES = {torch.bfloat16}
-# bfloat16 weights below this many elements keep the row-block / F.linear path: row-invariant as well there, and
-# ~10 us a call cheaper (a tiny model's decode is bound by its op count).
-_ONEDNN_BF16_WEIGHT = 1 << 18
 
 
 def set_row_invariant_float32(enabled: bool) -> None:
-    """Run float32 CPU products of up to 32 tokens through the row-invariant oneDNN path too (off by default).
+    """Run float32 CPU inference products through the row-invariant oneDNN path too (off by default).
     Measured on a 2-core EPYC, 1 thread: decode 1.7x slower on an E2B-shaped model (oneDNN's 2-row float32 kernel
     reads the weight at about half the speed of the row-block path) and 2.2x slower on the bundled tiny target
     (~20 us more per call), verification over 5 tokens 1.8x faster. Without it a float32 row can differ in its
@@ -91,18 +87,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Row invariance. Greedy speculative decoding gives exactly the target-only output only if a position's logits
     do not depend on how many positions are computed with it: a verify pass computes k + 1 rows at once where
-    decoding computes one. BLAS kernels do not promise that: MKL's float32 GEMM sums a column differently for 1-3,
-    4, 5-7... columns, and the bfloat16 GEMM behind F.linear differs between 1 and 2+ rows on large weights. On CPU
-    in bfloat16, inference products of up to `_INVARIANT_TOKENS` rows therefore run as oneDNN's inner product,
-    which (measured on every Gemma 4 E2B and tiny-model shape, 1 and 2 threads) gives a row the same bits for any
-    count of 2+ rows and any row index; a single row is computed as two copies of itself, so that it takes the
-    same 2+ row kernel (tests/test_layers.py checks this bit for bit). In bfloat16 it is also the fast kernel:
-    1.1-3.3x faster than the row blocks with the weight coming from DRAM, 5 rows at most 1.45x one row (1 thread).
-    Float16, and bfloat16 weights under `_ONEDNN_BF16_WEIGHT`, run the paths below, row-invariant as they are
-    (measured; F.linear in bfloat16 only on small weights). Float32 takes the oneDNN path
-    only after `set_row_invariant_float32(True)`, as it slows float32 decoding down (see there).
+    decoding computes one, a batch computes B (k + 1), a chat turn re-processes a suffix its history prefilled.
+    BLAS kernels do not promise that: MKL's float32 GEMM sums a column differently for 1-3, 4, 5-7... columns, and
+    the bfloat16 GEMM behind F.linear differs between 1 and 2+ rows, and on small weights between other counts. On
+    CPU in bfloat16, every inference product therefore runs as oneDNN's inner product, which (measured on every
+    Gemma 4 E2B and tiny-model shape, 2 to 300 rows, 1 and 2 threads) gives a row the same bits for any count of 2+
+    rows and any row index; a single row is computed as two copies of itself, so that it takes the same 2+ row
+    kernel (tests/test_layers.py checks this bit for bit). It costs nothing: within 15% of F.linear either way from
+    1 to 2048 rows on E2B's MLP shapes, and ~15 us more on a 1-row product with a tiny weight (2 threads).
+    Float16 runs the paths below, row-invariant as they are (measured). Float32 takes the oneDNN path only after
+    `set_row_invariant_float32(True)`, as it slows float32 decoding down (see there).
 
-    Row blocks (float16, small bfloat16 weights, float32 by default, no oneDNN). A product of a few tokens is bound
+    Row blocks (float16, float32 by default, no oneDNN). A product of a few tokens is bound
     by reading the weight, which in a generation loop is never in cache. BLAS runs a one-token product as a
     matrix-vector product on one thread, so the weight is cut into 8 blocks of rows and multiplied as a batch,
     [8, out/8, in] @ [in, T], which torch spreads over all threads. The column operand is x^T with strides
@@ -113,8 +109,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out, inp = weight.shape
     if x.device.type != "cpu" or not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    if (tokens <= _INVARIANT_TOKENS and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
-            and (x.dtype != torch.bfloat16 or weight.numel() >= _ONEDNN_BF16_WEIGHT)
+    if (x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and _onednn_inner_product(x.dtype)):
         rows = x.reshape(tokens, inp)

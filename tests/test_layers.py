@@ -132,6 +132,22 @@ def test_a_rows_product_does_not_depend_on_the_other_rows(name, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (256, 128), (2048, 1536)], ids=["tiny-64", "tiny-mlp", "e2b-q"])
+def test_bfloat16_rows_are_invariant_at_batch_and_prefill_row_counts(shape):
+    """A batch of 8 verifying 8 drafts computes 72 rows, heuristic drafting 33 per prompt, a chat turn hundreds:
+    each row must still equal the row computed alone. F.linear failed this in bfloat16 on a [64, 64] weight for
+    some inputs from 2 rows on (an E4B-like tiny pair's greedy outputs differed in 2 of 50 prompts), and every
+    product of more than 32 rows took F.linear before all bfloat16 products took oneDNN."""
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16)
+    x = torch.randn(300, shape[1], generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        alone = torch.cat([linear(x[i:i + 1], weight) for i in range(x.shape[0])])
+        for tokens in (2, 33, 72, 264, 300):
+            together = linear(x[:tokens], weight)
+            assert torch.equal(together, alone[:tokens]), f"{shape}, {tokens} rows"
+
+
 def test_training_takes_the_differentiable_path():
     """oneDNN's inner product has no backward (torch warns and returns no gradient): with grad required, F.linear."""
     gen = torch.Generator().manual_seed(0)
