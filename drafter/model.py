@@ -98,9 +98,11 @@ class Drafter(nn.Module):
         return self(torch.cat([target.embed(token), hidden], dim=-1), position, views, context)
 
     def context(self, position: int | torch.Tensor, views: dict[str, KVView]) -> DraftContext:
-        """Masks, K/V and rotary tables for queries at `position` (an int, or [S] positions) over `views`."""
+        """Masks, K/V and rotary tables for queries at `position` over `views`: an int or [S] positions (the same
+        for every batch row), or [B, S] (row b's queries at position[b]; a batch's rows have their own lengths)."""
         text, weight = self.config.text, self.pre_projection.weight
-        positions = torch.as_tensor(position, device=weight.device).reshape(-1)  # [S]
+        positions = torch.as_tensor(position, device=weight.device)
+        positions = positions.reshape(1, -1) if positions.dim() < 2 else positions  # [B or 1, S]
         return DraftContext(
             shared={t: (view.k, view.v) for t, view in views.items()},
             masks={t: additive_mask(self._mask(t, view.positions, positions), weight.dtype)
@@ -111,8 +113,9 @@ class Drafter(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, position: int | torch.Tensor,
                 views: dict[str, KVView], context: DraftContext | None = None) -> DraftOutput:
-        """inputs_embeds: [B, S, 2 H_t], one query per row; `position`: an int (decoding: S = 1) or [S] positions
-        (training: every position of a sequence at once). Query i reads the target K/V of positions < position[i]."""
+        """inputs_embeds: [B, S, 2 H_t], one query per row; `position`: an int (decoding: S = 1), [S] positions
+        (training: every position of a sequence at once) or [B, S] (a batch: each row its own). Query i reads the
+        target K/V of positions < position[i]."""
         if context is None:
             context = self.context(position, views)
         x = self.pre_projection(inputs_embeds)  # [B, S, H_a]
@@ -129,8 +132,9 @@ class Drafter(nn.Module):
         return linear(h, weight)
 
     def _mask(self, attention_type: str, key_positions: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[S, T] bool. Full layers see every accepted position; sliding layers the last W_a + 1 of them."""
-        keys, queries = key_positions[None, :], positions[:, None]
+        """[B or 1, S, T] bool from key positions [B or 1, T] (or [T]) and query positions [B or 1, S]. Full layers
+        see every accepted position; sliding layers the last W_a + 1 of them."""
+        keys, queries = key_positions.view(-1, 1, key_positions.shape[-1]), positions[:, :, None]
         visible = (keys >= 0) & (keys < queries)
         if attention_type != FULL:
             visible &= keys >= queries - self.config.sliding_history

@@ -60,25 +60,31 @@ class CacheError(RuntimeError):
 
 @dataclass(frozen=True)
 class KVView:
-    """Read-only K/V of one attention type. `positions[j]` is the absolute position held at index j of the
-    sequence axis, or -1 where the slot holds nothing readable (empty, or past the accepted prefix)."""
+    """Read-only K/V of one attention type. `positions[b, j]` is the absolute position row b holds at index j of
+    the sequence axis, or -1 where that slot holds nothing readable for the row (empty, or past its accepted
+    prefix). Hand-made views (training) may give one [T] row of positions shared by every batch row."""
 
     k: torch.Tensor  # [B, n_kv, T, d]
     v: torch.Tensor  # [B, n_kv, T, d]
-    positions: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [B, T] (or [T]) int64
 
 
 @dataclass(frozen=True)
 class Step:
-    """What one forward over S new tokens needs from the cache: their positions and, per attention type, the
-    additive mask [S, T] (0 or -inf) over the keys that layer type will attend to."""
+    """What one forward over S new tokens of b rows needs from the cache: each row's positions and, per attention
+    type, the additive mask [b, S, T] (0 or -inf) over the keys that layer type will attend to."""
 
-    positions: torch.Tensor  # [S] int64
+    positions: torch.Tensor  # [b, S] int64
     masks: dict[str, torch.Tensor]
 
 
 class KVCache:
-    """K/V of every layer that owns K/V, for batch B, laid out per attention type as described above."""
+    """K/V of every layer that owns K/V, for batch B, laid out per attention type as described above.
+
+    Rows are independent sequences: each has its own length (`lengths`), its own ring positions and its own
+    rollbacks, so a batch of prompts of different lengths, accepting different numbers of drafts, shares one set of
+    buffers. A forward normally processes S new tokens for every row; `begin(S, rows=slice(b, b + 1))` processes
+    them for row b alone (a batch's prompts are prefilled one by one)."""
 
     def __init__(
         self,
@@ -97,10 +103,11 @@ class KVCache:
         self.history = max(self.window - 1, min_sliding_history)
         # ring slots of every sliding layer: the config's, unless the caller needs more (see the module docstring)
         self.capacity = max(sliding_capacity(config), self.history + max_rollback)
-        self.length = 0
-        self._floor = 0  # oldest position still guaranteed to be in every ring
+        self.batch_size = batch_size
+        self.lengths = [0] * batch_size  # per row, on the host: the loop knows them without a device sync
+        self._floors = [0] * batch_size  # per row: oldest position still guaranteed to be in every ring
         self.device, self.dtype = torch.device(device), dtype
-        self._slot_pos = torch.full((self.capacity,), -1, dtype=torch.long, device=self.device)  # ring positions
+        self._slot_pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=self.device)
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
         for spec in config.layers:
@@ -110,89 +117,136 @@ class KVCache:
             shape = (batch_size, spec.num_kv_heads, slots, spec.head_dim)
             self._k[spec.index] = torch.zeros(shape, dtype=dtype, device=self.device)
             self._v[spec.index] = torch.zeros(shape, dtype=dtype, device=self.device)
-        self._ring_path = False  # whether the current step writes before attending (see `begin`)
+
+    @property
+    def length(self) -> int:
+        """The common length of every row (a batch of rows with different lengths has none: read `lengths`)."""
+        if len(set(self.lengths)) != 1:
+            raise CacheError(f"the rows of this cache hold different lengths {self.lengths}: read cache.lengths")
+        return self.lengths[0]
 
     # ---- the forward pass ------------------------------------------------------------------------------------
-    def begin(self, num_new: int) -> Step:
-        """Reserve positions [length, length + num_new) and build the per-type masks for this forward."""
-        start, end = self.length, self.length + num_new
-        if end > self.config.max_position_embeddings:
+    def begin(self, num_new: int, rows: slice | None = None) -> Step:
+        """Reserve positions [length_b, length_b + num_new) of each row b in `rows` (default: all) and build the
+        per-type masks for this forward."""
+        rows = slice(0, self.batch_size) if rows is None else rows
+        starts = self.lengths[rows]
+        ends = [s + num_new for s in starts]
+        if max(ends) > self.config.max_position_embeddings:
             raise CacheError(
-                f"position {end - 1} is past the model's max_position_embeddings={self.config.max_position_embeddings}"
+                f"position {max(ends) - 1} is past the model's max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
             )
-        positions = torch.arange(start, end, device=self.device)
-        self._grow(padded(end))
+        start = torch.tensor(starts, device=self.device)[:, None]  # [b, 1]
+        positions = start + torch.arange(num_new, device=self.device)  # [b, S]
+        self._grow(padded(max(ends)))
         masks: dict[str, torch.Tensor] = {}
+        q = positions[:, :, None]  # [b, S, 1]
         if FULL in self.config.layer_types:  # keys [0, padded(end)): the padding (zeros or stale) is masked
-            key_pos = torch.arange(padded(end), device=self.device)
-            masks[FULL] = additive_mask(key_pos[None, :] <= positions[:, None], self.dtype)
+            self._keys = padded(max(ends))
+            key_pos = torch.arange(self._keys, device=self.device)
+            masks[FULL] = additive_mask(key_pos <= q, self.dtype)
+        self._uniform = len(set(starts)) == 1  # every row writes the same positions: plain slices
         if SLIDING in self.config.layer_types:
             # Ring path: the new tokens fit next to the W - 1 keys the first of them needs, so write, then attend
             # over the ring. Otherwise (long prefills) attend over [ring ; new] and write the tail afterwards.
             self._ring_path = num_new <= self.capacity - (self.window - 1)
-            old = torch.where(self._slot_pos < start, self._slot_pos, -1)  # hide stale slots past a rollback
-            tail = positions[-self.capacity:]
-            self._slot_pos.index_copy_(0, tail % self.capacity, tail)
+            slot_pos = self._slot_pos[rows]  # [b, capacity], a view
+            old = torch.where(slot_pos < start, slot_pos, -1)  # hide stale slots past a rollback
+            tail = positions[:, -self.capacity:]
+            self._ring_slots = tail % self.capacity  # [b, min(S, capacity)]
+            slot_pos.scatter_(1, self._ring_slots, tail)
+            self._fresh = max(starts) == 0
             if self._ring_path:
-                key_pos = self._slot_pos
-            elif start:
-                key_pos = torch.cat([old, positions])
-            else:  # a first prefill has no history: its keys are its own tokens, not an empty ring beside them
+                key_pos = slot_pos
+            elif self._fresh:  # a first prefill has no history: its keys are its own tokens, not an empty ring
                 key_pos = positions
-            q = positions[:, None]
+            else:
+                key_pos = torch.cat([old, positions], dim=1)
+            key_pos = key_pos[:, None, :]  # [b, 1, T]
             masks[SLIDING] = additive_mask((key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window), self.dtype)
-        self._floor = max(self._floor, end - self.capacity)
-        self._span = (start, end)
-        self._ring_slots = positions[-self.capacity:] % self.capacity
-        self.length = end
+        for b, end in enumerate(ends, start=rows.start):
+            self._floors[b] = max(self._floors[b], end - self.capacity)
+            self.lengths[b] = end
+        self._rows, self._starts, self._positions = rows, starts, positions
         return Step(positions, masks)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's K/V [B, n_kv, S, d] of `layer` and return the K/V its attention reads."""
-        kb, vb = self._k[layer], self._v[layer]
-        start, end = self._span
+        """Store this step's K/V [b, n_kv, S, d] of `layer` and return the K/V its attention reads."""
+        kb, vb = self._k[layer][self._rows], self._v[layer][self._rows]  # views of this step's rows
+        S = k.shape[2]
         if self.config.layers[layer].attention_type == FULL:
-            kb[:, :, start:end] = k
-            vb[:, :, start:end] = v
-            return kb[:, :, : padded(end)], vb[:, :, : padded(end)]
+            if self._uniform:
+                start = self._starts[0]
+                kb[:, :, start:start + S] = k
+                vb[:, :, start:start + S] = v
+            else:  # position p of row b goes to index p of row b
+                self._scatter(kb, vb, self._positions, k, v)
+            return kb[:, :, : self._keys], vb[:, :, : self._keys]
         slots = self._ring_slots
-        keep = slots.shape[0]
+        keep = slots.shape[1]
         if self._ring_path:
-            kb.index_copy_(2, slots, k[:, :, -keep:])
-            vb.index_copy_(2, slots, v[:, :, -keep:])
+            self._scatter(kb, vb, slots, k[:, :, -keep:], v[:, :, -keep:])
             return kb, vb
-        if start == 0:
+        if self._fresh:
             k_all, v_all = k, v
         else:
             k_all, v_all = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)  # copies before the write below
-        kb.index_copy_(2, slots, k[:, :, -keep:])
-        vb.index_copy_(2, slots, v[:, :, -keep:])
+        self._scatter(kb, vb, slots, k[:, :, -keep:], v[:, :, -keep:])
         return k_all, v_all
 
+    @staticmethod
+    def _scatter(kb, vb, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """kb[b, :, index[b, j]] = k[b, :, j] (and v): index [b, S], k [b, n_kv, S, d]."""
+        if index.shape[0] == 1:  # one row: a plain index_copy_ along the sequence axis
+            kb.index_copy_(2, index[0], k)
+            vb.index_copy_(2, index[0], v)
+            return
+        row = torch.arange(index.shape[0], device=index.device)[:, None]  # [b, 1]
+        kb[row, :, index] = k.transpose(1, 2)  # the indexed result is [b, S, n_kv, d]
+        vb[row, :, index] = v.transpose(1, 2)
+
     # ---- speculative decoding --------------------------------------------------------------------------------
-    def rollback(self, r: int) -> None:
-        """Forget the last r positions (rejected drafts). Copies nothing."""
-        if r < 0 or r > self.length:
-            raise CacheError(f"cannot roll back {r} positions of a cache holding {self.length}")
-        if SLIDING in self.config.layer_types and (r > self.max_rollback
-                                                   or max(0, self.length - r - self.history) < self._floor):
-            raise CacheError(
-                f"cannot roll back {r} positions: the cache was built with max_rollback={self.max_rollback} (its "
-                f"sliding ring of {self.capacity} slots keeps the last {self.history} positions after at most that)"
-            )
-        self.length -= r
+    def rollback(self, r: int | list[int]) -> None:
+        """Forget the last r positions (rejected drafts) of every row, or the last r[b] of row b. Copies nothing."""
+        counts = [r] * self.batch_size if isinstance(r, int) else list(r)
+        if len(counts) != self.batch_size:
+            raise CacheError(f"rollback got {len(counts)} counts for a cache of {self.batch_size} rows")
+        for b, (n, length) in enumerate(zip(counts, self.lengths)):
+            if n < 0 or n > length:
+                raise CacheError(f"cannot roll back {n} positions of a cache row holding {length}")
+            if SLIDING in self.config.layer_types and (n > self.max_rollback
+                                                       or max(0, length - n - self.history) < self._floors[b]):
+                raise CacheError(
+                    f"cannot roll back {n} positions: the cache was built with max_rollback={self.max_rollback} "
+                    f"(its sliding ring of {self.capacity} slots keeps the last {self.history} positions after at "
+                    "most that)"
+                )
+        self.lengths = [length - n for length, n in zip(self.lengths, counts)]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (a batch drops its finished rows): copies the kept rows' K/V once."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for store in (self._k, self._v):
+            for layer, buffer in store.items():
+                store[layer] = buffer.index_select(0, index)
+        self._slot_pos = self._slot_pos.index_select(0, index)
+        self.lengths = [self.lengths[b] for b in rows]
+        self._floors = [self._floors[b] for b in rows]
+        self.batch_size = len(rows)
 
     def views(self) -> dict[str, KVView]:
-        """K/V of each attention type's exporting layer over the accepted positions [0, length), without copies."""
+        """K/V of each attention type's exporting layer over each row's accepted positions, without copies."""
+        lengths = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]
         out = {}
         for attention_type, layer in self.config.export_layer.items():
             k, v = self._k[layer], self._v[layer]
             if attention_type == FULL:
-                n = self.length
-                out[FULL] = KVView(k[:, :, :n], v[:, :, :n], torch.arange(n, device=self.device))
+                n = max(self.lengths)
+                index = torch.arange(n, device=self.device)
+                out[FULL] = KVView(k[:, :, :n], v[:, :, :n], torch.where(index < lengths, index, -1))
             else:
-                visible = torch.where(self._slot_pos < self.length, self._slot_pos, -1)
-                out[SLIDING] = KVView(k, v, visible)
+                out[SLIDING] = KVView(k, v, torch.where(self._slot_pos < lengths, self._slot_pos, -1))
         return out
 
     # ---- internals -------------------------------------------------------------------------------------------

@@ -176,26 +176,26 @@ def rope_inv_freq(params: RopeParams, head_dim: int, device: torch.device) -> to
 def rope_cos_sin(
     positions: torch.Tensor, params: RopeParams, head_dim: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin [S, 1, d] for absolute `positions` [S] (the 1 broadcasts over heads); dims j and j + d/2
-    form one rotation pair.
+    """cos and signed sin [..., S, 1, d] for absolute `positions` [..., S] ([S], or [B, S]: one row per sequence;
+    the 1 broadcasts over heads); dims j and j + d/2 form one rotation pair.
 
     The sin comes back with its first half negated, so that `apply_rope` rotates with a roll instead of
     slicing, negating and concatenating (the same products: -x2 * sin == x2 * -sin exactly)."""
-    angles = positions[:, None, None].float() * rope_inv_freq(params, head_dim, positions.device)  # [S, 1, d/2]
+    angles = positions[..., None, None].float() * rope_inv_freq(params, head_dim, positions.device)  # [.., S, 1, d/2]
     sin = angles.sin()
     return torch.cat([angles, angles], dim=-1).cos().to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, n, d]; cos, signed_sin: [S, 1, d] from `rope_cos_sin`.
+    """x: [B, S, n, d]; cos, signed_sin: [S, 1, d] or [B, S, 1, d] from `rope_cos_sin`.
     x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], i.e. roll(x, d/2) * [-sin1, sin2]. Rounded as
     transformers rounds (no fused multiply-add): in half precision a last-bit difference can flip a MoE routing."""
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[S, T] bool (True: may attend) -> [S, T] additive mask, 0 or -inf. Built once per forward: SDPA takes a float
-    mask as it is, while a bool one it converts in every layer."""
+    """[..., S, T] bool (True: may attend) -> the additive mask, 0 or -inf, of the same shape. Built once per forward:
+    SDPA takes a float mask as it is, while a bool one it converts in every layer."""
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
@@ -213,14 +213,18 @@ _HALF_MIN_WIDTH = 256
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T + mask) v with scale 1.0 (q_norm and k_norm take the place of 1/sqrt(d)).
-    q: [B, nH, S, d]; k, v: [B, n_kv, T, d], query head h reads kv head h // (nH / n_kv); mask: [S, T] additive
-    (`additive_mask`) or None (every key visible).
+    q: [B, nH, S, d]; k, v: [B, n_kv, T, d], query head h reads kv head h // (nH / n_kv); mask: additive
+    (`additive_mask`) [B, S, T] (one per row), [1, S, T] or [S, T] (shared by every row), or None (every key
+    visible).
 
     On CPU, up to `INVARIANT_QUERY_ROWS` query rows take `_attend_rows`: greedy speculative decoding is exact only
     if a position's attention gives the same bits in a one-token decode and in a row of a verify pass, and SDPA's
     CPU kernel gives neither (its products and sums change with the number of rows and of keys)."""
+    if mask is not None and mask.dim() == 2:
+        mask = mask[None]
     if q.device.type == "cpu" and q.shape[2] <= INVARIANT_QUERY_ROWS:
         return _attend_rows(q, k, v, mask)
+    mask = mask[:, None] if mask is not None else None  # [B, 1, S, T]: the same for every head
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -242,6 +246,8 @@ def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     B, nH, S, d = q.shape
     n_kv, T = k.shape[1], k.shape[2]
     dtype = q.dtype
+    if mask is not None and mask.dim() == 2:
+        mask = mask[None]  # [1, S, T]: shared by every row
     if dtype != torch.float32 and n_kv * d < _HALF_MIN_WIDTH:
         q, k, v = q.float(), k.float(), v.float()
     g = nH // n_kv
@@ -249,13 +255,13 @@ def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     if rows > S:
         q = torch.cat([q, q.new_zeros(B, nH, rows - S, d)], dim=2)
         if mask is not None:
-            mask = torch.cat([mask, mask.new_zeros(rows - S, T)])
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], rows - S, T)], dim=1)
     block = KEY_BLOCK if T > KEY_BLOCK and T % KEY_BLOCK == 0 else T
     nb = T // block
     s = torch.matmul(q.reshape(B, n_kv, 1, g * rows, d), k.unflatten(2, (nb, block)).transpose(-1, -2))
     s = s.view(B, n_kv, nb, g, rows, block).float()  # [B, n_kv, nb, g, rows, block]
     if mask is not None:
-        s = s + mask.view(rows, nb, block).transpose(0, 1)[:, None]  # [nb, 1, rows, block]
+        s = s + mask.view(-1, 1, rows, nb, block).permute(0, 1, 3, 2, 4)[:, :, :, None]  # [B', 1, nb, 1, rows, block]
     e = (s - s.amax(dim=(2, 5), keepdim=True)).exp_()
     total = e.sum(-1)  # [B, n_kv, nb, g, rows]
     o = torch.matmul(e.view(B, n_kv, nb, g * rows, block).to(v.dtype), v.unflatten(2, (nb, block)))

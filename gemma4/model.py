@@ -113,17 +113,20 @@ class Gemma4Model(nn.Module):
         return (context + token) * 2**-0.5
 
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int | None = None
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int | None = None,
+        rows: slice | None = None,
     ) -> ModelOutput:
-        """input_ids: [B, S]. `logits_to_keep=k` computes logits and hidden states for the last k positions only:
-        a prefill needs one row. That saves the head (the largest matmul) and, with KV sharing, most of the
-        KV-sharing layers (see `kv_shared_from`)."""
+        """input_ids: [B, S], B = the cache's batch size, or the number of cache rows in `rows` (a batch prefills
+        its prompts one row at a time: `rows=slice(b, b + 1)`). Each row continues at its own cache length.
+        `logits_to_keep=k` computes logits and hidden states for the last k positions only: a prefill needs one
+        row. That saves the head (the largest matmul) and, with KV sharing, most of the KV-sharing layers (see
+        `kv_shared_from`)."""
         B, S = input_ids.shape
         keep = S if logits_to_keep is None else max(1, min(logits_to_keep, S))
         if cache is None:
             cache = KVCache(self.config, batch_size=B, dtype=self.dtype, device=self.device, max_length=S,
                             max_rollback=0)
-        step = cache.begin(S)
+        step = cache.begin(S, rows)
         masks = step.masks
         x = self.embed(input_ids)  # [B, S, H]
         ple = self.per_layer_inputs(input_ids, x) if self.config.uses_ple else None  # [B, S, L, P]
@@ -135,8 +138,8 @@ class Gemma4Model(nn.Module):
         for spec, layer in zip(self.config.layers, self.layers):
             if spec.index == self.kv_shared_from and keep < S:  # from here on only the kept rows matter
                 x, ple = x[:, -keep:], ple[:, -keep:] if ple is not None else None
-                rope = {t: (cos[-keep:], sin[-keep:]) for t, (cos, sin) in rope.items()}
-                masks = {t: m[-keep:] if m is not None else None for t, m in masks.items()}
+                rope = {t: (cos[:, -keep:], sin[:, -keep:]) for t, (cos, sin) in rope.items()}
+                masks = {t: m[:, -keep:] for t, m in masks.items()}
             t = spec.attention_type
             x = layer(x, *rope[t], masks[t], cache, shared, ple[:, :, spec.index] if ple is not None else None)
         h = self.norm(x[:, -keep:])  # [B, keep, H]

@@ -163,10 +163,10 @@ def ring_figure(plt, path: Path) -> None:
     with torch.inference_mode():
         model(torch.randint(0, 64, (1, 13)), cache)
         model(torch.randint(0, 64, (1, k + 1)), cache)  # verify: the last token and k drafts
-        written = cache.views()[SLIDING].positions.clone()
+        written = cache.views()[SLIDING].positions[0].clone()
         length_before = cache.length
         cache.rollback(k - n)
-        visible = cache.views()[SLIDING].positions.clone()
+        visible = cache.views()[SLIDING].positions[0].clone()
     capacity = written.shape[0]
     fig, axes = plt.subplots(2, 1, figsize=(11, 3.8))
     states = [(f"after the verify pass: cache length {length_before}, positions {length_before - k - 1}.."

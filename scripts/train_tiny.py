@@ -260,7 +260,7 @@ def teacher_inputs(target: Gemma4Model, seqs: torch.Tensor, batch: int = 16) -> 
                                  min_sliding_history=S)
         hidden.append(target(seqs[i : i + batch], cache).hidden_states)  # every row: logits_to_keep would cut it
         for kind, view in cache.views().items():
-            assert torch.equal(view.positions, torch.arange(S)), "every position must sit at its own index"
+            assert bool((view.positions == torch.arange(S)).all()), "every position must sit at its own index"
             kv.setdefault(kind, []).append((view.k.clone(), view.v.clone()))  # [b, n_kv, S, d] each
     kv = {kind: (torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])) for kind, parts in kv.items()}
     return {"ids": seqs, "hidden": torch.cat(hidden), "kv": kv}

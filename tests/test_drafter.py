@@ -90,10 +90,11 @@ def test_cache_views_hold_the_accepted_kv(family, pair):
     torch.testing.assert_close(full.k, ref["full_attention"][0], atol=TOL, rtol=0)
     torch.testing.assert_close(full.v, ref["full_attention"][1], atol=TOL, rtol=0)
     sliding = views["sliding_attention"]
-    held = sliding.positions[sliding.positions >= 0]
+    positions = sliding.positions[0]  # [T] of the one row
+    held = positions[positions >= 0]
     assert held.max() == p - 1 and set(range(p - drafter.sliding_history, p)) <= set(held.tolist())
-    for slot in torch.nonzero(sliding.positions >= 0).flatten().tolist():
-        pos = int(sliding.positions[slot])
+    for slot in torch.nonzero(positions >= 0).flatten().tolist():
+        pos = int(positions[slot])
         torch.testing.assert_close(sliding.k[:, :, slot], ref["sliding_attention"][0][:, :, pos], atol=TOL, rtol=0)
         torch.testing.assert_close(sliding.v[:, :, slot], ref["sliding_attention"][1][:, :, pos], atol=TOL, rtol=0)
 

@@ -81,7 +81,7 @@ class ScriptedDrafter:
 
     def _check_round_start(self, token, hidden, position, views):
         assert int(token) == self.sequence[position]  # the last token sits at `position`, outside the cache
-        assert torch.equal(views[FULL].positions, torch.arange(position))
+        assert torch.equal(views[FULL].positions, torch.arange(position)[None])
         if SLIDING in views:
             seen = views[SLIDING].positions
             seen = seen[seen >= 0]
