@@ -83,7 +83,7 @@ def walkthrough(target, drafter, tokenizer, prompt_text: str = PROMPT, *, rounds
             out(f"               {t}: K, V {shape(v.k)}, {readable.numel()} readable slots, positions "
                 f"{int(readable.min())}..{int(readable.max())}")
         drafts, q = draft(drafter, target, token, h, cache, k, sampler, generator)
-        drafted = drafts.tolist()
+        drafted = drafts[0].tolist()  # drafts: [1, k], one row
         q_note = f", q {shape(q)}" if q.numel() else ""
         out(f"  draft  out: drafts {shape(drafts)} {show(tokenizer, drafted)}{q_note}")
 
@@ -92,16 +92,16 @@ def walkthrough(target, drafter, tokenizer, prompt_text: str = PROMPT, *, rounds
         out(f"  verify in : [token, d_1..d_{k}] [1, {k + 1}] at positions {before}..{before + k}, "
             f"cache length {before}")
         out(f"  verify out: logits {shape(logits)}, hidden {shape(hidden)}, cache length {cache.length}")
-        out(f"              target's argmax per row {show(tokenizer, logits.argmax(dim=-1).tolist())}")
+        out(f"              target's argmax per row {show(tokenizer, logits[0].argmax(dim=-1).tolist())}")
 
-        n, bonus = accept(sampler, logits, drafts, q, generator)
-        n, bonus_id = int(n), int(bonus)
+        accepted, bonus = accept(sampler, logits, drafts, q, None, generator)  # [1] each: one per row
+        n, bonus_id = int(accepted), int(bonus)
         marks = " ".join(("+" if j < n else "-" if j == n else ".") + repr(tokenizer.decode([d]))
                          for j, d in enumerate(drafted))
         out(f"  accept    : n = {n} of {k} ({marks}), bonus {show(tokenizer, [bonus_id])} from row {n}")
 
         emitted = cut(drafted[:n] + [bonus_id], stops, budget - len(new))
-        token, h = commit(cache, hidden, bonus, k, n)
+        token, h = commit(cache, hidden, bonus, [k - n], accepted)
         new += emitted
         out(f"  commit    : rollback({k - n}): cache length {before + k + 1} -> {cache.length}; h = hidden row {n} "
             f"{shape(h)}; emitted {show(tokenizer, emitted)}")

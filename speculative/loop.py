@@ -1,19 +1,35 @@
-"""The speculative decoding loop (batch 1): prefill, then rounds of draft -> verify -> accept -> commit.
+"""The speculative decoding loop: prefill, then rounds of draft -> verify -> accept -> commit, for one prompt
+(`generate`) or a batch of prompts of different lengths (`generate_batch`). Both run `_generate`: one loop.
 
-State between rounds, kept by every phase (docs/loop.md): the sequence is prompt + out, of length L;
-- `token` [1, 1] is its last token, at position L - 1; the target's cache holds every position before it, [0, L-1);
-- `h` [1, 1, H] is the target's post-norm hidden state at position L - 2 (the one whose logits chose `token`).
-A round drafts k tokens at the constant position L - 1, verifies [token, d_1..d_k] in ONE target forward (rows
-0..k at positions L-1..L-1+k), accepts n drafts plus one target token, and rolls the cache back over the k - n
-rejected drafts (no copies): the invariant holds again with L += n + 1 and h = hidden row n.
+State between rounds, kept by every phase (docs/loop.md), for each row b of the batch: its sequence is prompt +
+out, of length L_b;
+- `token[b]` is its last token, at position L_b - 1; the target's cache row b holds every position before it,
+  [0, L_b - 1) (the cache keeps one length per row);
+- `h[b]` is the target's post-norm hidden state at position L_b - 2 (the one whose logits chose `token[b]`).
+A round drafts k tokens per row, each row at its constant position L_b - 1, verifies [token, d_1..d_k] of every row
+in ONE target forward (row b's tokens at positions L_b - 1..L_b - 1 + k), accepts n_b drafts plus one target token
+per row, and rolls row b back over its k - n_b rejected drafts (no copies): the invariant holds again with
+L_b += n_b + 1 and h[b] = hidden row n_b of b.
+
+A batch has one k per round (the verify pass has one shape), while every row keeps its own schedule: with
+`draft_length="max"` (default) k is the largest draft length any row asks for and row b accepts at most its own
+k_b of the k drafts (the rest are computed and ignored), so each row's rounds are exactly those it would have alone;
+with "min", k is the smallest, and every row drafts that many. A row that has finished (stop token or budget) is
+dropped from the batch (`finished="drop"`, default: its cache row is released, one copy of the kept rows), or
+stays in it frozen (`finished="keep"`: it re-computes its last position every round and rolls it back).
+scripts/benchmark.py measures both choices.
 
 Target-only decoding (drafter=None) is the same loop with k = 0: the verify pass over [token] is a plain decode step
 and the "bonus" is the target's next token. So both modes share prefill, sampling, stops and statistics.
-Each round syncs with the host once (a single .tolist() of drafts, n and the new token). Drafted tokens never count
-toward max_new_tokens; the emitted block is cut after the first stop token and at the budget.
+Each round syncs with the host once (a single .tolist() of drafts, n, the new tokens and a finiteness flag per row).
+Drafted tokens never count toward max_new_tokens; each row's emitted block is cut after its first stop token and at
+its budget. A batch's prompts are prefilled one at a time: prompts of different lengths need no padding, and each
+row's prefill is exactly the computation its single-prompt generation does.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +42,9 @@ from .sampling import Sampler, accept_greedy, accept_sampled
 from .schedule import max_num_draft_tokens, next_num_draft_tokens
 from .stats import GenerationResult, GenerationStats, RoundInfo, Stopwatch
 
+FINISHED_ROWS = ("drop", "keep")
+DRAFT_LENGTHS = ("max", "min")
+
 
 @torch.inference_mode()
 def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_tokens: int | None = None,
@@ -36,53 +55,150 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
     with `drafter` (None: target-only decoding). Greedy when temperature == 0, else lossless speculative sampling
     from the target's temperature / top-k / top-p distribution, reproducible with `seed`. `on_round(RoundInfo)` is
     called for the prefill's token and after every round. Returns the new tokens and statistics."""
+    prompt = prompt_ids(input_ids, target.config.vocab_size)
+    report = None if on_round is None else (lambda row, info: on_round(info))
+    return _generate(target, drafter, [prompt], max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
+                     schedule=schedule, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     stop_token_ids=stop_token_ids, on_round=report)[0]
+
+
+@torch.inference_mode()
+def generate_batch(target, drafter, prompts, *, max_new_tokens: int, num_draft_tokens: int | None = None,
+                   schedule: str = "constant", temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float | None = None, seed: int | None = None, stop_token_ids=None,
+                   finished: str = "drop", draft_length: str = "max", on_round=None) -> list[GenerationResult]:
+    """`generate` for several prompts at once: `prompts` is a list of token-id lists (or [S] tensors) of any
+    lengths. Returns one GenerationResult per prompt, in order, each with its own tokens and statistics (its
+    rounds, acceptance, target passes; `decode_seconds` runs until that row finished). Every row's greedy output is
+    its single-prompt output. Under sampling each row is an independent lossless sample; one `seed` reproduces the
+    whole batch. `finished` and `draft_length`: see the module docstring. `on_round(index, RoundInfo)` reports
+    each row's rounds."""
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    ids = []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids.append(prompt_ids(prompt, target.config.vocab_size))
+        except ValueError as error:
+            raise ValueError(f"prompts[{i}]: {error}") from None
+    if finished not in FINISHED_ROWS:
+        raise ValueError(f"finished must be one of {list(FINISHED_ROWS)}, got {finished!r}")
+    if draft_length not in DRAFT_LENGTHS:
+        raise ValueError(f"draft_length must be one of {list(DRAFT_LENGTHS)}, got {draft_length!r}")
+    return _generate(target, drafter, ids, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
+                     schedule=schedule, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     stop_token_ids=stop_token_ids, finished=finished, draft_length=draft_length, on_round=on_round)
+
+
+@dataclass
+class _Row:
+    """One prompt's generation inside a batch."""
+
+    index: int  # its place in the caller's list
+    prompt_len: int
+    k: int  # the draft length its schedule asks for next
+    out: list[int] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    done: bool = False
+
+
+def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_draft_tokens, schedule, temperature,
+              top_k, top_p, seed, stop_token_ids, finished="drop", draft_length="max",
+              on_round=None) -> list[GenerationResult]:
     config = target.config
-    prompt = prompt_ids(input_ids, config.vocab_size)
-    check_options(prompt_len=len(prompt), max_positions=config.max_position_embeddings,
+    longest = max(len(p) for p in prompts)
+    check_options(prompt_len=longest, max_positions=config.max_position_embeddings,
                   max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, schedule=schedule,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if drafter is not None:
         check_drafter(drafter, target)
     stops = stop_tokens(target, stop_token_ids)
     sampler = Sampler(float(temperature), top_k, top_p)
-    k = first_num_draft_tokens(drafter, num_draft_tokens) if drafter is not None else 0
-    k_max = min(max_num_draft_tokens(schedule, k), max_new_tokens - 1)
+    k0 = first_num_draft_tokens(drafter, num_draft_tokens) if drafter is not None else 0
+    k_max = min(max_num_draft_tokens(schedule, k0), max_new_tokens - 1)
     history = getattr(drafter, "sliding_history", 0)
     check_ring(config, history, k_max)
-    # The cache's geometry depends on the config alone, not on k, the schedule or the drafter: the same key layout
-    # in a target-only and a speculative run is half of why greedy outputs agree bit for bit (gemma4/cache.py).
-    cache = target.new_cache(batch_size=1, max_length=len(prompt) + max_new_tokens, max_rollback=k_max + 1,
-                             min_sliding_history=history)
+    # The cache's geometry depends on the config alone, not on k, the schedule, the drafter or the batch: the same
+    # key layout in a target-only and a speculative run is half of why greedy outputs agree bit for bit
+    # (gemma4/cache.py). Room for k_max more positions: a row may verify drafts beyond its own budget.
+    cache = target.new_cache(batch_size=len(prompts), max_length=longest + max_new_tokens + k_max,
+                             max_rollback=k_max + 1, min_sliding_history=history)
     generator = new_generator(target.device, seed)
-    stats = GenerationStats(prompt_tokens=len(prompt))
+    rows = [_Row(b, len(p), k0, stats=GenerationStats(prompt_tokens=len(p))) for b, p in enumerate(prompts)]
     watch = Stopwatch(target.device)
 
-    token, h, finite = prefill(target, cache, prompt, sampler, generator)
-    first, finite = torch.cat([token.view(1), finite.view(1)]).tolist()
-    check_finite(finite, len(prompt) - 1)
-    out = [first]
-    stats.target_forward_passes += 1
-    stats.prefill_seconds = watch.lap()
-    _report(on_round, RoundInfo(drafted=[], accepted=0, bonus=out[0], emitted=list(out)))
-    while out[-1] not in stops and len(out) < max_new_tokens:
-        # k <= room - 1 keeps the block within the budget, and so the verify pass within max_position_embeddings
-        # (its last position is L - 1 + k <= len(prompt) + max_new_tokens - 2).
-        k_round = min(k, max_new_tokens - len(out) - 1)
-        drafts, q = draft(drafter, target, token, h, cache, k_round, sampler, generator)
-        logits, hidden = verify(target, cache, token, drafts)
-        n, bonus = accept(sampler, logits, drafts, q, generator)
-        *drafted, n_accepted, bonus_id, finite = torch.cat(  # the host sync
-            [drafts, n.view(1), bonus.view(1), torch.isfinite(logits).all().view(1)]).tolist()
-        check_finite(finite, len(prompt) + len(out) - 1)
-        emitted = cut(drafted[:n_accepted] + [bonus_id], stops, max_new_tokens - len(out))
-        token, h = commit(cache, hidden, bonus, k_round, n_accepted)
-        out += emitted
-        record(stats, k_round, n_accepted, len(emitted))
-        _report(on_round, RoundInfo(drafted=drafted, accepted=n_accepted,
-                                    bonus=bonus_id if len(emitted) == n_accepted + 1 else None, emitted=emitted))
-        k = next_num_draft_tokens(schedule, k, k_round, n_accepted)
-    stats.decode_seconds = watch.lap()
-    return GenerationResult(tokens=out, stats=stats)
+    firsts = []
+    for row, prompt in zip(rows, prompts):
+        firsts.append(prefill(target, cache, prompt, sampler, generator, row=row.index))
+        row.stats.prefill_seconds = watch.lap()
+    token = torch.cat([t for t, _, _ in firsts])  # [B, 1]
+    h = torch.cat([h for _, h, _ in firsts])  # [B, 1, H]
+    host = torch.cat([token.view(-1), torch.stack([f for _, _, f in firsts])]).tolist()
+    for row, first, finite in zip(rows, host[: len(rows)], host[len(rows):]):
+        check_finite(finite, row.prompt_len - 1)
+        row.out.append(first)
+        row.stats.target_forward_passes += 1
+        row.done = first in stops or max_new_tokens == 1
+        _report(on_round, row.index, RoundInfo(drafted=[], accepted=0, bonus=first, emitted=[first]))
+    decode = Stopwatch(target.device)
+    active = rows  # the cache's rows, in order
+    if finished == "drop":
+        active, token, h = drop_finished(cache, active, token, h)
+    while any(not row.done for row in active):
+        live = [not row.done for row in active]
+        # Each row's own k, within its budget (k_b <= room - 1 keeps its block within max_new_tokens); the batch's
+        # k is the largest or the smallest, and never runs a row past max_position_embeddings.
+        wants = [min(row.k, max_new_tokens - len(row.out) - 1) if ok else 0 for row, ok in zip(active, live)]
+        k = (max if draft_length == "max" else min)(w for w, ok in zip(wants, live) if ok)
+        k = min([k] + [config.max_position_embeddings - 1 - length for length in cache.lengths])
+        caps = [min(w, k) if draft_length == "max" else k * ok for w, ok in zip(wants, live)]
+        drafts, q = draft(drafter, target, token, h, cache, k, sampler, generator)  # [B, k], [B, k, V]
+        logits, hidden = verify(target, cache, token, drafts)  # [B, k+1, V], [B, k+1, H]
+        cap = torch.tensor(caps, device=target.device)
+        n, bonus = accept(sampler, logits, drafts, q, cap, generator)  # [B], [B]
+        finite = torch.isfinite(logits).flatten(1).all(dim=1)  # [B]
+        host = torch.cat([drafts.flatten(), n, bonus, finite]).tolist()  # the host sync
+        B = len(active)
+        drafted = [host[i * k:(i + 1) * k] for i in range(B)]
+        accepted, bonuses, finites = host[B * k: B * k + B], host[B * k + B: B * k + 2 * B], host[B * k + 2 * B:]
+        back = []
+        for i, row in enumerate(active):
+            if not live[i]:  # frozen (finished="keep"): forget the whole pass, token and h stay as they are
+                back.append(k + 1)
+                continue
+            check_finite(finites[i], row.prompt_len + len(row.out) - 1)
+            n_i = accepted[i]
+            emitted = cut(drafted[i][:n_i] + [bonuses[i]], stops, max_new_tokens - len(row.out))
+            row.out += emitted
+            record(row.stats, caps[i], n_i, len(emitted))
+            _report(on_round, row.index, RoundInfo(drafted=drafted[i][:caps[i]], accepted=n_i,
+                                                   bonus=bonuses[i] if len(emitted) == n_i + 1 else None,
+                                                   emitted=emitted))
+            row.k = next_num_draft_tokens(schedule, row.k, caps[i], n_i)
+            back.append(k - n_i)
+            if emitted[-1] in stops or len(row.out) >= max_new_tokens:
+                row.done = True
+                row.stats.decode_seconds = decode.since_start()
+        new_token, new_h = commit(cache, hidden, bonus, back, n)
+        if all(live):
+            token, h = new_token, new_h
+        else:  # frozen rows keep their token and h
+            frozen = torch.tensor([not ok for ok in live], device=target.device)
+            token = torch.where(frozen[:, None], token, new_token)
+            h = torch.where(frozen[:, None, None], h, new_h)
+        if finished == "drop":
+            active, token, h = drop_finished(cache, active, token, h)
+    return [GenerationResult(tokens=row.out, stats=row.stats) for row in rows]
+
+
+def drop_finished(cache, active: list[_Row], token, h):
+    """Release the cache rows of finished generations (one copy of the others' K/V, once per finishing round)."""
+    keep = [i for i, row in enumerate(active) if not row.done]
+    if len(keep) == len(active) or not keep:
+        return active, token, h
+    cache.keep_rows(keep)
+    index = torch.tensor(keep, device=token.device)
+    return [active[i] for i in keep], token[index], h[index]
 
 
 def check_ring(config, history: int, k_max: int) -> None:
@@ -100,53 +216,55 @@ def check_ring(config, history: int, k_max: int) -> None:
         )
 
 
-def prefill(target, cache, prompt: list[int], sampler: Sampler, generator):
-    """Run the whole prompt (logits of the last row only) and choose the first new token.
+def prefill(target, cache, prompt: list[int], sampler: Sampler, generator, row: int = 0):
+    """Run the whole prompt into cache row `row` (logits of the last position only) and choose the first new token.
     Returns token [1, 1], h [1, 1, H] (hidden state at the prompt's last position) and whether the logits were
     finite (a 0-d bool, checked with the caller's host sync)."""
     ids = torch.tensor([prompt], dtype=torch.long, device=target.device)  # [1, P]
-    result = target(ids, cache, logits_to_keep=1)
+    result = target(ids, cache, logits_to_keep=1, rows=slice(row, row + 1))
     token = sampler.choose(result.logits[:, -1], generator)  # [1]
     return token.view(1, 1), result.hidden_states[:, -1:], torch.isfinite(result.logits).all()
 
 
 def draft(drafter, target, token, h, cache, k: int, sampler: Sampler, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """k drafter steps at the constant position L - 1 over the cache's clean view (accepted positions only).
-    Step 1 reads (token, h); step j > 1 reads (d_{j-1}, the drafter's own hidden). Returns drafts [k] and, under
-    sampling, q [k, V]: the processed distributions the drafts were sampled from (empty when greedy or k = 0)."""
-    position = cache.length
-    views = cache.views() if k > 0 else None  # taken once: the cache does not change while drafting
-    context = drafter.context(position, views) if k > 0 else None  # masks and RoPE: the same for every step
+    """k drafter steps per row, row b at its constant position L_b - 1, over the cache's clean view (accepted
+    positions only). Step 1 reads (token, h) [B, 1], [B, 1, H]; step j > 1 reads (d_{j-1}, the drafter's own
+    hidden). Returns drafts [B, k] and, under sampling, q [B, k, V]: the processed distributions the drafts were
+    sampled from (empty when greedy or k = 0)."""
+    B, device, V = token.shape[0], target.device, target.config.vocab_size
+    if k == 0:
+        return torch.zeros(B, 0, dtype=torch.long, device=device), torch.zeros(B, 0, V, device=device)
+    position = torch.tensor(cache.lengths, device=device)[:, None]  # [B, 1]
+    views = cache.views()  # taken once: the cache does not change while drafting
+    context = drafter.context(position, views)  # masks and RoPE: the same for every step
     drafts, q = [], []
     for _ in range(k):
         step = drafter.step(target, token, h, position, views, context)
-        logits = step.logits[:, -1]  # [1, V]
+        logits = step.logits[:, -1]  # [B, V]
         if sampler.greedy:
-            d = logits.argmax(dim=-1)  # [1]
+            d = logits.argmax(dim=-1)  # [B]
         else:
-            q.append(sampler.probs(logits))  # [1, V]
-            d = sampling.draft_token(q[-1], generator)  # [1]
+            q.append(sampler.probs(logits))  # [B, V]
+            d = sampling.draft_token(q[-1], generator)  # [B]
         drafts.append(d)
-        token, h = d.view(1, 1), step.hidden
-    device, V = target.device, target.config.vocab_size
-    drafts = torch.cat(drafts) if drafts else torch.zeros(0, dtype=torch.long, device=device)  # [k]
-    q = torch.cat(q) if q else torch.zeros(0, V, device=device)  # [k, V]
-    return drafts, q
+        token, h = d.view(B, 1), step.hidden
+    q = torch.stack(q, dim=1) if q else torch.zeros(B, 0, V, device=device)  # [B, k, V]
+    return torch.stack(drafts, dim=1), q  # [B, k]
 
 
 def verify(target, cache, token, drafts) -> tuple[torch.Tensor, torch.Tensor]:
-    """ONE target forward over [token, d_1..d_k] at positions L-1..L-1+k. Returns logits [k+1, V] (row j scores
-    the token after d_j) and post-norm hidden states [1, k+1, H]."""
-    ids = torch.cat([token, drafts.view(1, -1)], dim=1)  # [1, k+1]
-    result = target(ids, cache)
-    return result.logits[0], result.hidden_states
+    """ONE target forward over [token, d_1..d_k] of every row, row b at positions L_b-1..L_b-1+k. Returns logits
+    [B, k+1, V] (row j scores the token after d_j) and post-norm hidden states [B, k+1, H]."""
+    result = target(torch.cat([token, drafts], dim=1), cache)  # [B, k+1]
+    return result.logits, result.hidden_states
 
 
-def accept(sampler: Sampler, logits, drafts, q, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n accepted drafts, the target's token after them) as 0-d tensors: greedy matching or rejection sampling."""
+def accept(sampler: Sampler, logits, drafts, q, caps, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n accepted drafts, the target's token after them), each [B]: greedy matching or rejection sampling, row b
+    considering only its first caps[b] drafts."""
     if sampler.greedy:
-        return accept_greedy(logits, drafts)
-    return accept_sampled(sampler.probs(logits), q, drafts, generator)  # p: [k+1, V]
+        return accept_greedy(logits, drafts, caps)
+    return accept_sampled(sampler.probs(logits), q, drafts, generator, caps)  # p: [B, k+1, V]
 
 
 class NumericalError(RuntimeError):
@@ -170,11 +288,12 @@ def cut(block: list[int], stops: frozenset[int], room: int) -> list[int]:
     return block
 
 
-def commit(cache, hidden, bonus, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forget the k - n rejected drafts (no copies); the new last token is the bonus, and h is the hidden state of
-    the position before it (row n). Returns token [1, 1], h [1, 1, H]."""
-    cache.rollback(k - n)
-    return bonus.view(1, 1), hidden[:, n : n + 1]
+def commit(cache, hidden, bonus, back, n) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forget each row's rejected positions (`back[b]` of row b: k - n_b; no copies); the new last token of row b is
+    its bonus, and h its hidden state of the position before it (row n_b). Returns token [B, 1], h [B, 1, H]."""
+    cache.rollback(back)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return bonus.view(-1, 1), hidden[rows, n][:, None]
 
 
 def record(stats: GenerationStats, k: int, n: int, emitted: int) -> None:
@@ -195,6 +314,6 @@ def new_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return generator
 
 
-def _report(on_round, info: RoundInfo) -> None:
+def _report(on_round, index: int, info: RoundInfo) -> None:
     if on_round is not None:
-        on_round(info)
+        on_round(index, info)

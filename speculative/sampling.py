@@ -72,43 +72,65 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 
 
 def draft_token(q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """A draft under sampling: x ~ q ([1, V] -> [1]). The rejection rule's proof needs exactly this."""
+    """A draft under sampling: x ~ q ([B, V] -> [B]). The rejection rule's proof needs exactly this."""
     return sample(q, generator)
 
 
-def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy verification. logits: [k+1, V] target rows, drafts: [k].
+def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor,
+                  caps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy verification. logits: [B, k+1, V] target rows, drafts: [B, k] (or [k+1, V] and [k] for one row).
+    `caps` [B]: row b accepts at most caps[b] drafts (a batch drafts as many as its longest row needs; shorter
+    rows ignore the rest).
 
-    Returns (n, bonus) as 0-d tensors: n = length of the longest prefix with d_j == argmax(row j-1), bonus =
-    argmax(row n) (the target's own token after the last accepted draft)."""
-    choice = logits.argmax(dim=-1)  # [k+1]
-    n = leading_true(drafts == choice[:-1])
-    return n, choice[n.view(1)][0]  # index with a [1] tensor: a gather, no host sync
+    Returns (n, bonus), each [B] (0-d for one row): n = length of the longest prefix with d_j == argmax(row j-1),
+    bonus = argmax(row n) (the target's own token after the last accepted draft)."""
+    if drafts.dim() == 1:
+        n, bonus = accept_greedy(logits[None], drafts[None], caps)
+        return n[0], bonus[0]
+    choice = logits.argmax(dim=-1)  # [B, k+1]
+    n = leading_true(_capped(drafts == choice[:, :-1], caps))  # [B]
+    return n, choice.gather(1, n[:, None])[:, 0]  # a gather, no host sync
 
 
 def accept_sampled(
-    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None,
+    caps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling (Leviathan et al. 2023, Alg. 1; Chen et al. 2023). p: [k+1, V] target probabilities,
-    q: [k, V] drafter probabilities the drafts [k] were sampled from; row i of both is the distribution of draft i
-    (0-based), row k of p the one after the last draft.
+    """Speculative sampling (Leviathan et al. 2023, Alg. 1; Chen et al. 2023), each row on its own. p: [B, k+1, V]
+    target probabilities, q: [B, k, V] drafter probabilities the drafts [B, k] were sampled from (or [k+1, V],
+    [k, V], [k] for one row); row i of both is the distribution of draft i (0-based), row k of p the one after the
+    last draft. `caps` [B]: row b verifies only its first caps[b] drafts, as if it had drafted no more.
 
     Accept draft i with probability min(1, p_i(d_i) / q_i(d_i)); n = number of leading acceptances. The next token
-    is drawn from normalize(max(0, p_n - q_n)) after a rejection (from p_n if that is all zero), and from p_k when
-    all k drafts were accepted. Returns (n, token) as 0-d tensors; the emitted tokens are then distributed exactly
-    as the target's p."""
-    k = drafts.shape[0]
-    rows = torch.arange(k, device=drafts.device)
-    ratio = p[rows, drafts] / q[rows, drafts]  # [k]; q(d) > 0 since d was drawn from q
-    u = torch.rand(k, generator=generator, device=p.device, dtype=p.dtype)
-    n = leading_true(u < ratio)
-    at = n.view(1)  # index with a [1] tensor: a gather, no host sync
-    q_padded = torch.cat([q, q.new_zeros(1, q.shape[-1])])  # [k+1, V]: row k is 0, so residual(k) = p_k
-    residual = torch.clamp(p[at] - q_padded[at], min=0)  # [1, V]
-    residual = torch.where(residual.sum() > 0, residual, p[at])  # all zero only if p_n == q_n (float rounding)
-    return n, sample(residual, generator)[0]
+    is drawn from normalize(max(0, p_n - q_n)) after a rejection (from p_n if that is all zero), and from p_n when
+    all of the row's drafts were accepted. Returns (n, token), each [B] (0-d for one row); each row's emitted tokens
+    are then distributed exactly as its target's p."""
+    if drafts.dim() == 1:
+        n, token = accept_sampled(p[None], q[None], drafts[None], generator, caps)
+        return n[0], token[0]
+    B, k = drafts.shape
+    V = p.shape[-1]
+    at = drafts[..., None]  # [B, k, 1]
+    ratio = (p[:, :k].gather(2, at) / q.gather(2, at))[..., 0]  # [B, k]; q(d) > 0 since d was drawn from q
+    u = torch.rand(B, k, generator=generator, device=p.device, dtype=p.dtype)
+    n = leading_true(_capped(u < ratio, caps))  # [B]
+    row = n[:, None, None].expand(B, 1, V)
+    p_n = p.gather(1, row)[:, 0]  # [B, V]
+    q_n = torch.cat([q, q.new_zeros(B, 1, V)], dim=1).gather(1, row)[:, 0]  # row k of q is 0: residual(k) = p_k
+    if caps is not None:  # a row that accepted all its caps[b] drafts draws from p_n, as after its last draft
+        q_n = torch.where((n < caps)[:, None], q_n, 0.0)
+    residual = torch.clamp(p_n - q_n, min=0)  # [B, V]
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # all zero only if p_n == q_n
+    return n, sample(residual, generator)
+
+
+def _capped(flags: torch.Tensor, caps: torch.Tensor | None) -> torch.Tensor:
+    """[B, k] flags with every entry j >= caps[b] of row b set False."""
+    if caps is None:
+        return flags
+    return flags & (torch.arange(flags.shape[1], device=flags.device) < caps[:, None])
 
 
 def leading_true(flags: torch.Tensor) -> torch.Tensor:
-    """[k] bool -> 0-d long: how many leading entries are True (0 for an empty tensor)."""
-    return flags.long().cumprod(dim=0).sum()
+    """[..., k] bool -> [...] long: how many leading entries are True (0 for an empty last axis)."""
+    return flags.long().cumprod(dim=-1).sum(dim=-1)

@@ -87,7 +87,10 @@ class Stopwatch:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.last = self._now()
+        self.start = self.last = self._now()
+
+    def since_start(self) -> float:
+        return self._now() - self.start
 
     def lap(self) -> float:
         now = self._now()

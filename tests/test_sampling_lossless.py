@@ -65,6 +65,7 @@ class TableDrafter:
         return None
 
     def step(self, target, token, hidden, position, views, context=None):
+        position = int(position)  # [1, 1]: one row
         self._step = self._step + 1 if hidden is self._hidden else 0  # a new round starts from the target's h
         self._hidden = torch.zeros(1, 1, target.config.hidden_size)
         logits = self.table[position, self._step, int(token)].view(1, 1, V)
@@ -175,7 +176,8 @@ def test_draft_returns_the_processed_q_its_drafts_were_drawn_from(target):
     cache = target.new_cache(max_length=16, max_rollback=4, min_sliding_history=9)
     token, h, _ = prefill(target, cache, PROMPT, sampler, gen)
     drafter = TableDrafter(favour=[0, 2, 6, 7])
-    drafts, q = draft(drafter, target, token, h, cache, 3, sampler, gen)  # [3], [3, V]
+    drafts, q = draft(drafter, target, token, h, cache, 3, sampler, gen)  # [1, 3], [1, 3, V]
+    drafts, q = drafts[0], q[0]  # the one row
     inputs = [int(token)] + drafts[:-1].tolist()  # what each step read
     want = torch.stack([hf_probs(drafter.table[len(PROMPT), j, t], **processing) for j, t in enumerate(inputs)])
     torch.testing.assert_close(q, want.float(), atol=1e-6, rtol=1e-5)

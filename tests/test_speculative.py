@@ -66,6 +66,7 @@ class ScriptedDrafter:
         return None
 
     def step(self, target, token, hidden, position, views, context=None):
+        position = int(position)  # [1, 1]: one row
         if hidden is self._hidden:  # a later step of the round: it reads its own previous draft
             assert int(token) == self._last_draft
         else:
