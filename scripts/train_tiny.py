@@ -16,7 +16,8 @@ The phases, one function each:
    a temporary one, and autograd flows through its buffer writes). E2B-style: sliding + full layers, proportional
    RoPE, per-layer embeddings, KV sharing, logit softcapping; narrow and deep, so that one drafter step costs a
    small fraction of one target decode step on a CPU, where per-layer overhead dominates.
-3. `greedy_sequences`: prompts from the training files continued by the frozen target's greedy decoding. These are
+3. `greedy_sequences` (drafter/training.py, shared with scripts/train_drafter.py, as is the distillation of 4):
+   prompts from the training files continued by the frozen target's greedy decoding. These are
    the contexts the drafter meets at inference (a real prompt, then what the target itself wrote).
 4. `train_drafter`: distillation into the library's own `Drafter` with exactly the loop's inputs (see
    `drafter_loss`): the target's scaled embedding of the last token and post-norm hidden state of the position
@@ -51,7 +52,11 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from drafter import Drafter, DrafterConfig  # noqa: E402
-from gemma4 import Gemma4Config, Gemma4Model, KVView  # noqa: E402
+from drafter.training import (  # noqa: E402  the distillation shared with scripts/train_drafter.py
+    drafter_agreement, drafter_loss, greedy_sequences, init_weights, join, lr_at, make_optimizer, round_to, rows_of,
+    teacher_inputs, warm_start,
+)
+from gemma4 import Gemma4Config, Gemma4Model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 S, FULL = "sliding_attention", "full_attention"
@@ -139,33 +144,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
 
 
 # ---- 2. target ------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def init_weights(model: torch.nn.Module, generator: torch.Generator, std: float = 0.02) -> None:
-    """transformers' Gemma init: matrices and tables ~ N(0, std); norms and layer scalars stay 1."""
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
-
-
 def random_windows(stream: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
     """[batch, length] windows at random offsets of the token stream."""
     starts = torch.randint(0, len(stream) - length, (batch,), generator=generator)
     return torch.stack([stream[s : s + length] for s in starts.tolist()])
-
-
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0}],
-                             lr=lr, betas=(0.9, 0.95))
 
 
 def lm_loss(target: Gemma4Model, windows: torch.Tensor) -> torch.Tensor:
@@ -210,111 +192,7 @@ def train_target(target: Gemma4Model, train: torch.Tensor, held_windows: torch.T
                 final_train_loss=sum(history[-50:]) / len(history[-50:]), minutes=(time.perf_counter() - start) / 60)
 
 
-# ---- 3. greedy continuations ----------------------------------------------------------------------------------------
-@torch.inference_mode()
-def greedy_sequences(target: Gemma4Model, files: list[torch.Tensor], count: int, length: int, generator, batch=64):
-    """[count, length] sequences: a prompt (half the batches: the start of a file, half: a random window of one;
-    16..length/2 tokens, the same within a batch) continued by the target's greedy decoding, as the loop would."""
-    rows = []
-    for b in range(math.ceil(count / batch)):
-        n = min(batch, count - b * batch)
-        plen = int(torch.randint(16, length // 2 + 1, (1,), generator=generator))
-        picks = torch.randint(0, len(files), (4 * n,), generator=generator).tolist()
-        long_enough = [files[i] for i in picks if len(files[i]) > plen + 1][:n]
-        prompts = []
-        for f in long_enough:
-            offset = 0 if b % 2 == 0 else int(torch.randint(0, len(f) - plen, (1,), generator=generator))
-            prompts.append(f[offset : offset + plen])
-        ids = torch.stack(prompts)  # [n, plen]
-        cache = target.new_cache(batch_size=len(prompts), max_length=length, max_rollback=0)
-        logits = target(ids, cache, logits_to_keep=1).logits
-        out = [ids]
-        for _ in range(length - plen):
-            token = logits[:, -1].argmax(-1, keepdim=True)  # [n, 1]
-            out.append(token)
-            if cache.length == length - 1:
-                break
-            logits = target(token, cache).logits
-        rows.append(torch.cat(out, dim=1))
-    return torch.cat(rows)
-
-
-# ---- 4. drafter -----------------------------------------------------------------------------------------------------
-def shift(x: torch.Tensor, s: int, fill=0) -> torch.Tensor:
-    """x[:, p + s] at row p (dim 1), `fill` past the end."""
-    if s == 0:
-        return x
-    pad = x.new_full((x.shape[0], s, *x.shape[2:]), fill)
-    return torch.cat([x[:, s:], pad], dim=1)
-
-
-@torch.no_grad()
-def teacher_inputs(target: Gemma4Model, seqs: torch.Tensor, batch: int = 16) -> dict:
-    """What distillation reads from the frozen target, computed once per sequence [N, S]: its post-norm hidden
-    states [N, S, H_t] (the teacher's logits are `target.head` of them) and, per attention type, the K/V of every
-    position (the cache's views after a prefill with room for all S positions, so position p sits at index p)."""
-    N, S = seqs.shape
-    hidden, kv = [], {}
-    for i in range(0, N, batch):
-        cache = target.new_cache(batch_size=len(seqs[i : i + batch]), max_length=S, max_rollback=0,
-                                 min_sliding_history=S)
-        hidden.append(target(seqs[i : i + batch], cache).hidden_states)  # every row: logits_to_keep would cut it
-        for kind, view in cache.views().items():
-            assert bool((view.positions == torch.arange(S)).all()), "every position must sit at its own index"
-            kv.setdefault(kind, []).append((view.k.clone(), view.v.clone()))  # [b, n_kv, S, d] each
-    kv = {kind: (torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])) for kind, parts in kv.items()}
-    return {"ids": seqs, "hidden": torch.cat(hidden), "kv": kv}
-
-
-def rows_of(data: dict, rows: torch.Tensor) -> dict:
-    return {"ids": data["ids"][rows], "hidden": data["hidden"][rows],
-            "kv": {kind: (k[rows], v[rows]) for kind, (k, v) in data["kv"].items()}}
-
-
-def join(a: dict, b: dict) -> dict:
-    """The rows of two `teacher_inputs` results, in one."""
-    return {"ids": torch.cat([a["ids"], b["ids"]]), "hidden": torch.cat([a["hidden"], b["hidden"]]),
-            "kv": {kind: (torch.cat([k, b["kv"][kind][0]]), torch.cat([v, b["kv"][kind][1]]))
-                   for kind, (k, v) in a["kv"].items()}}
-
-
-def drafter_loss(drafter: Drafter, target: Gemma4Model, batch: dict, steps: int):
-    """Distillation loss of `steps` chained draft steps at every position of a batch of sequences at once
-    (`teacher_inputs` rows: ids [B, S], the target's hidden states and K/V).
-
-    A draft round at position p (the loop's L - 1) starts from the last token x_p and the target's post-norm hidden
-    state h_{p-1}, reads the target's K/V of positions < p, and keeps RoPE position p for all its steps. Step j
-    must predict the target's next-token distribution at position p + j - 1. Step j > 1 reads the drafter's own
-    hidden state and the token the previous step should have drafted, the target's greedy token g_{p+j-2} (a round
-    only goes on while drafts equal it). Its teacher, the target's distribution at p + j - 1, was computed after
-    x_{p+1..p+j-1}; it is the right one only where those tokens are that greedy path, so only there does it count.
-    Returns the summed per-step losses and per-step [agreement with the target's argmax, positions counted]."""
-    ids, target_hidden = batch["ids"], batch["hidden"]
-    B, S = ids.shape
-    with torch.no_grad():
-        teacher = torch.log_softmax(target.head(target_hidden).float(), dim=-1)  # [B, S, V], as target(ids).logits
-        greedy = teacher.argmax(-1)  # [B, S]: g_p, the target's token after position p
-        on_path = torch.cat([ids[:, 1:] == greedy[:, :-1], greedy.new_zeros(B, 1, dtype=torch.bool)], 1)  # x_{p+1} == g_p
-        token_emb = target.embed(ids)[:, 1:]  # [B, S-1, H_t]: x_p for p >= 1
-        greedy_emb = target.embed(greedy)  # [B, S, H_t]
-    views = {kind: KVView(k, v, torch.arange(S)) for kind, (k, v) in batch["kv"].items()}
-    hidden = target_hidden[:, :-1]  # [B, S-1, H_t]: h_{p-1} for p >= 1
-    positions = torch.arange(1, S)  # query p = 1..S-1; p = 0 would see no K/V at all
-    valid = torch.ones(B, S - 1, dtype=torch.bool)
-    total, stats = 0.0, []
-    for j in range(1, steps + 1):
-        step = drafter(torch.cat([token_emb, hidden], dim=-1), positions, views)  # logits [B, S-1, V]
-        t = shift(teacher, j - 1)[:, 1:]  # [B, S-1, V]: the target at p + j - 1
-        valid = valid & (positions + j - 1 < S)
-        t, logq = t[valid], torch.log_softmax(step.logits.float()[valid], dim=-1)  # [N, V]
-        total = total + (t.exp() * (t - logq)).sum(-1).mean()  # KL(target || drafter)
-        stats.append([(logq.argmax(-1) == t.argmax(-1)).float().sum().item(), int(valid.sum())])
-        hidden = step.hidden  # [B, S-1, H_t]
-        token_emb = shift(greedy_emb, j - 1)[:, 1:]  # g_{p+j-1}
-        valid = valid & shift(on_path, j - 1)[:, 1:]  # the teacher of step j+1 saw x_{p+j} == g_{p+j-1}
-    return total, stats
-
-
+# ---- 3, 4. greedy continuations and the drafter: drafter/training.py ------------------------------------------------
 def train_drafter(drafter: Drafter, target: Gemma4Model, train: dict, val: dict, stream: torch.Tensor, args,
                   log) -> dict:
     """Each batch: greedy continuations (the inference regime), plus fresh windows of real training text (never
@@ -343,42 +221,11 @@ def train_drafter(drafter: Drafter, target: Gemma4Model, train: dict, val: dict,
             line = f"drafter step {step + 1}/{args.drafter_steps}  loss {recent:.3f}  " \
                    f"{(time.perf_counter() - start) / 60:.1f} min"
             if (step + 1) % (args.log_every * 4) == 0 or step + 1 == args.drafter_steps:
-                line += "  held-out agreement per step " + " ".join(f"{a:.2f}" for a in drafter_agreement(drafter, target, val, args))
+                line += "  held-out agreement per step " + " ".join(f"{a:.2f}" for a in drafter_agreement(drafter, target, val, args.draft_steps))
             log(line)
     return dict(steps=args.drafter_steps, batch=args.drafter_batch, real_text_rows=real, draft_steps=args.draft_steps,
                 peak_lr=args.drafter_lr, warmup_steps=warmup, weight_decay=0.01,
                 final_train_loss=sum(history[-50:]) / len(history[-50:]), minutes=(time.perf_counter() - start) / 60)
-
-
-@torch.no_grad()
-def drafter_agreement(drafter, target, data: dict, args, batch: int = 8) -> list[float]:
-    """Per draft step: how often the drafter's argmax equals the target's, where the step would be reached."""
-    counts = [[0.0, 0] for _ in range(args.draft_steps)]
-    for i in range(0, len(data["ids"]), batch):
-        _, stats = drafter_loss(drafter, target, rows_of(data, torch.arange(i, min(i + batch, len(data["ids"])))),
-                                args.draft_steps)
-        for c, (a, n) in zip(counts, stats):
-            c[0] += a
-            c[1] += n
-    return [a / max(n, 1) for a, n in counts]
-
-
-@torch.no_grad()
-def warm_start(drafter: Drafter, target: Gemma4Model) -> None:
-    """Start the drafter's tied head from the target's embedding table and its post-projection at the identity
-    (both widths are equal here), so its first outputs already live in the target's hidden space."""
-    if drafter.model.embed_tokens.weight.shape == target.embed_tokens.weight.shape:
-        drafter.model.embed_tokens.weight.copy_(target.embed_tokens.weight)
-    if drafter.post_projection.weight.shape[0] == drafter.post_projection.weight.shape[1]:
-        drafter.post_projection.weight.copy_(torch.eye(drafter.post_projection.weight.shape[0]))
-
-
-@torch.no_grad()
-def round_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Round the floating weights to `dtype` in place (kept as float32): the model becomes the one that ships."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            t.copy_(t.to(dtype).float())
 
 
 # ---- 5. checkpoints -------------------------------------------------------------------------------------------------
@@ -512,8 +359,8 @@ def main(argv=None) -> int:
     (args.out / "target" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
     data_gen = torch.Generator().manual_seed(args.seed + 2)
-    greedy_train = greedy_sequences(target, train_files, args.greedy_seqs, args.seq_len, data_gen)
-    greedy_val = greedy_sequences(target, held_files, 32, args.seq_len, data_gen, batch=32)
+    greedy_train, _ = greedy_sequences(target, train_files, args.greedy_seqs, args.seq_len, data_gen)
+    greedy_val, _ = greedy_sequences(target, held_files, 32, args.seq_len, data_gen, batch=32)
     t = lap("greedy_data", t)
     log(f"greedy continuations: {len(greedy_train)} training and {len(greedy_val)} held-out sequences")
     greedy_train, greedy_val = teacher_inputs(target, greedy_train), teacher_inputs(target, greedy_val)
@@ -526,7 +373,7 @@ def main(argv=None) -> int:
     drafter_record = train_drafter(drafter, target, greedy_train, greedy_val, train_stream, args, log)
     round_to(drafter, dtype)
     drafter.requires_grad_(False)
-    drafter_record["held_out_agreement_per_step"] = drafter_agreement(drafter, target, greedy_val, args)
+    drafter_record["held_out_agreement_per_step"] = drafter_agreement(drafter, target, greedy_val, args.draft_steps)
     t = lap("drafter", t)
     log("drafter held-out agreement per step: " + " ".join(f"{a:.3f}" for a in drafter_record["held_out_agreement_per_step"]))
 

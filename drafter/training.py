@@ -1,0 +1,318 @@
+"""Distilling an MTP drafter from its frozen target, with exactly the inputs the speculative loop gives it.
+
+Used by `scripts/train_drafter.py` (any Gemma 4 target) and `scripts/train_tiny.py` (the bundled pair).
+
+What the loop feeds a draft round that starts at position p (speculative/loop.py, `draft`): the last token x_p,
+embedded by the *target* (`target.embed`); the target's post-norm hidden state h_{p-1}; the target's K/V of the
+accepted positions < p (the cache's clean view); and the constant RoPE position p for every chained step. Step
+j > 1 reads the drafter's own hidden state and its own previous draft. `teacher_inputs` computes, under no_grad,
+the target's hidden states and K/V of whole sequences once; `draft_steps` then runs the drafter at every position
+of those sequences at once (position p's query sees keys < p, as a round at p would), K chained steps deep.
+
+Step j's teacher is the target's distribution at position p + j - 1. It was computed after the sequence's own
+tokens x_{p+1..p+j-1}, which are what a round would have drafted only where they are the target's greedy path;
+so step j counts only there (always, on the target's own greedy continuations). Step j > 1 is fed the greedy
+token g_{p+j-2}: a round only reaches step j while its drafts equal the greedy path, so conditioned on reaching it
+that is exactly its input.
+
+The loss is KL(target || drafter) per step over the full distribution (not cross-entropy against the target's
+argmax): greedy acceptance needs the argmax to agree, and the whole distribution gives a denser signal for it; under
+sampling a draft is accepted with probability sum_x min(p, q) = 1 - TV(p, q), which KL bounds (Pinsker). A
+centroid-masked head (E2B/E4B drafters) gives -inf outside its selected clusters, where KL is undefined; it is
+trained on its dense logits (the same token scores without the mask) plus KL between the target's probability
+mass per cluster and the centroid scores, so the clusters it selects are those holding the target's choice.
+
+Acceptance per draft position j (`acceptance_per_position`) is the share of round starts at which drafts 1..j all
+equal the target's greedy tokens; E[tokens per round with N drafts] = 1 + sum_{j<=N} A_j, and with measured step
+costs the predicted speed-up of N drafts is that over (N drafter steps + one verify of N + 1 tokens) in units of a
+target decode step (`predicted_speedups`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gemma4 import Gemma4Model, KVView
+
+from .model import Drafter
+
+
+# ---- the teacher ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_inputs(target: Gemma4Model, seqs: torch.Tensor, batch: int = 16) -> dict:
+    """What distillation reads from the frozen target, computed once per sequence [N, S]: its post-norm hidden
+    states [N, S, H_t] (the teacher's logits are `target.head` of them) and, per attention type, the K/V of every
+    position (the cache's views after a prefill with room for all S positions, so position p sits at index p)."""
+    seqs = seqs.to(target.device)
+    N, S = seqs.shape
+    expected = torch.arange(S, device=target.device)
+    hidden, kv = [], {}
+    for i in range(0, N, batch):
+        cache = target.new_cache(batch_size=len(seqs[i : i + batch]), max_length=S, max_rollback=0,
+                                 min_sliding_history=S)
+        hidden.append(target(seqs[i : i + batch], cache).hidden_states)  # every row: logits_to_keep would cut it
+        for kind, view in cache.views().items():  # a sliding ring may have more slots than S: the rest are empty
+            assert bool((view.positions[..., :S] == expected).all()), "every position must sit at its own index"
+            kv.setdefault(kind, []).append((view.k[:, :, :S].clone(), view.v[:, :, :S].clone()))  # [b, n_kv, S, d]
+    kv = {kind: (torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])) for kind, parts in kv.items()}
+    return {"ids": seqs, "hidden": torch.cat(hidden), "kv": kv}
+
+
+def rows_of(data: dict, rows: torch.Tensor) -> dict:
+    """Some rows of a `teacher_inputs` result (other per-row entries, e.g. "first", follow)."""
+    out = {key: value[rows] for key, value in data.items() if key != "kv"}
+    out["kv"] = {kind: (k[rows], v[rows]) for kind, (k, v) in data["kv"].items()}
+    return out
+
+
+def join(a: dict, b: dict) -> dict:
+    """The rows of two `teacher_inputs` results, in one."""
+    out = {key: torch.cat([a[key], b[key]]) for key in a if key != "kv"}
+    out["kv"] = {kind: (torch.cat([k, b["kv"][kind][0]]), torch.cat([v, b["kv"][kind][1]]))
+                 for kind, (k, v) in a["kv"].items()}
+    return out
+
+
+def shift(x: torch.Tensor, s: int, fill=0) -> torch.Tensor:
+    """x[:, p + s] at row p (dim 1), `fill` past the end."""
+    if s == 0:
+        return x
+    pad = x.new_full((x.shape[0], s, *x.shape[2:]), fill)
+    return torch.cat([x[:, s:], pad], dim=1)
+
+
+@torch.inference_mode()
+def greedy_sequences(target: Gemma4Model, files: list[torch.Tensor], count: int, length: int, generator,
+                     batch: int = 64, min_prompt: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """([count, length] sequences, [count] prompt lengths): a prompt (half the batches: the start of a file, half:
+    a random window of one; min_prompt..length/2 tokens, the same within a batch) continued by the target's greedy
+    decoding, as the loop would. Files too short for a batch's prompt are skipped; fewer rows come back if no file
+    is long enough."""
+    rows, firsts = [], []
+    min_prompt = max(2, min(min_prompt, length // 2))
+    for b in range(math.ceil(count / batch)):
+        n = min(batch, count - b * batch)
+        plen = int(torch.randint(min_prompt, length // 2 + 1, (1,), generator=generator))
+        picks = torch.randint(0, len(files), (4 * n,), generator=generator).tolist()
+        long_enough = [files[i] for i in picks if len(files[i]) > plen + 1][:n]
+        if not long_enough:
+            continue
+        prompts = []
+        for f in long_enough:
+            offset = 0 if b % 2 == 0 else int(torch.randint(0, len(f) - plen, (1,), generator=generator))
+            prompts.append(f[offset : offset + plen])
+        ids = torch.stack(prompts).to(target.device)  # [n, plen]
+        cache = target.new_cache(batch_size=len(prompts), max_length=length, max_rollback=0)
+        logits = target(ids, cache, logits_to_keep=1).logits
+        out = [ids]
+        for _ in range(length - plen):
+            token = logits[:, -1].argmax(-1, keepdim=True)  # [n, 1]
+            out.append(token)
+            if cache.length == length - 1:
+                break
+            logits = target(token, cache).logits
+        rows.append(torch.cat(out, dim=1).cpu())
+        firsts.append(torch.full((len(prompts),), plen - 1))
+    if not rows:
+        raise ValueError(f"no document is longer than {min_prompt + 1} tokens: none can prompt a greedy continuation")
+    return torch.cat(rows), torch.cat(firsts)
+
+
+# ---- chained draft steps at every position ------------------------------------------------------------------------
+def draft_steps(drafter: Drafter, target: Gemma4Model, batch: dict, steps: int):
+    """Yield, for j = 1..steps, what step j of a round at every position p = 1..S-1 of the batch computes:
+    (j, DraftOutput [B, S-1, ...], normed [B, S-1, H_a] (the drafter's final-norm output: the centroid head's
+    input) or None, teacher log-probabilities [B, S-1, V] (the target at p + j - 1), valid [B, S-1] (the step
+    counts here: inside the sequence and on the greedy path), greedy teacher tokens [B, S-1]).
+    Gradients flow through the drafter only; the teacher side is computed under no_grad."""
+    ids, target_hidden = batch["ids"], batch["hidden"]
+    B, S = ids.shape
+    dtype, device = drafter.pre_projection.weight.dtype, drafter.pre_projection.weight.device
+    with torch.no_grad():
+        teacher = torch.log_softmax(target.head(target_hidden).float(), dim=-1)  # [B, S, V], as target(ids).logits
+        greedy = teacher.argmax(-1)  # [B, S]: g_p, the target's token after position p
+        # on_path[b, p]: x_{p+1} == g_p (the last position has no successor)
+        on_path = torch.cat([ids[:, 1:] == greedy[:, :-1], greedy.new_zeros(B, 1, dtype=torch.bool)], 1)
+        token_emb = target.embed(ids)[:, 1:].to(device, dtype)  # [B, S-1, H_t]: x_p for p >= 1
+        greedy_emb = target.embed(greedy).to(device, dtype)  # [B, S, H_t]
+    views = {kind: KVView(k.to(device, dtype), v.to(device, dtype), torch.arange(S, device=device))
+             for kind, (k, v) in batch["kv"].items()}
+    hidden = target_hidden[:, :-1].to(device, dtype)  # [B, S-1, H_t]: h_{p-1} for p >= 1
+    positions = torch.arange(1, S, device=device)  # query p = 1..S-1; p = 0 would see no K/V at all
+    valid = torch.ones(B, S - 1, dtype=torch.bool, device=device)
+    if "first" in batch:  # rows whose rounds start only after their prompt (greedy continuations under evaluation)
+        valid &= positions[None, :] >= batch["first"].to(device)[:, None]
+    context = drafter.context(positions, views)  # the same for every step: a round's position is constant
+    captured = {}
+    hook = None
+    if drafter.config.use_ordered_embeddings:
+        hook = drafter.model.norm.register_forward_hook(lambda m, i, out: captured.__setitem__("h", out))
+    try:
+        for j in range(1, steps + 1):
+            step = drafter(torch.cat([token_emb, hidden], dim=-1), positions, views, context)  # logits [B, S-1, V]
+            valid = valid & (positions + j - 1 < S)
+            yield (j, step, captured.pop("h", None), shift(teacher, j - 1)[:, 1:].to(device), valid,
+                   shift(greedy, j - 1)[:, 1:].to(device))
+            hidden = step.hidden  # [B, S-1, H_t]
+            token_emb = shift(greedy_emb, j - 1)[:, 1:]  # g_{p+j-1}
+            valid = valid & shift(on_path, j - 1)[:, 1:].to(device)  # step j+1's teacher saw x_{p+j} == g_{p+j-1}
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def dense_logits(drafter: Drafter, normed: torch.Tensor) -> torch.Tensor:
+    """Every token's score from the final-norm output [..., H_a], without a centroid mask: [..., V]."""
+    weight = drafter.model.embed_tokens.weight if drafter.config.tie_word_embeddings else drafter.lm_head.weight
+    return normed @ weight.T
+
+
+def cluster_of_tokens(drafter: Drafter) -> torch.Tensor:
+    """[V] the centroid cluster of each token id (the inverse of `token_ordering`, which lists each cluster's ids)."""
+    ordering = drafter.masked_embedding.token_ordering  # [V]: cluster c holds ordering[c * V/C : (c + 1) * V/C]
+    per = ordering.numel() // drafter.config.num_centroids
+    cluster = torch.empty_like(ordering)
+    cluster[ordering] = torch.arange(ordering.numel(), device=ordering.device) // per
+    return cluster
+
+
+def kl(t: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Mean KL(target || drafter) over rows, from log-probabilities [N, V] (a zero-probability target term adds 0)."""
+    p = t.exp()
+    return torch.where(p > 0, p * (t - logq), 0.0).sum(-1).mean()
+
+
+def drafter_loss(drafter: Drafter, target: Gemma4Model, batch: dict, steps: int, loss: str = "kl"):
+    """Distillation loss of `steps` chained draft steps at every position of a batch of sequences at once
+    (`teacher_inputs` rows: ids [B, S], the target's hidden states and K/V): the sum over steps of each step's
+    mean KL(target || drafter) ("kl") or cross-entropy against the target's argmax ("argmax"), over the positions
+    where that step counts (module docstring). Returns (loss, per-step [agreement with the target's argmax,
+    positions counted])."""
+    total, stats = 0.0, []
+    cluster = cluster_of_tokens(drafter) if drafter.config.use_ordered_embeddings else None
+    for _, step, normed, t, valid, greedy in draft_steps(drafter, target, batch, steps):
+        t, g = t[valid], greedy[valid]  # [N, V], [N]
+        logits = step.logits[valid].float() if normed is None else dense_logits(drafter, normed[valid]).float()
+        logq = torch.log_softmax(logits, dim=-1)  # [N, V]
+        if len(t) == 0:
+            stats.append([0.0, 0])
+            continue
+        total = total + (kl(t, logq) if loss == "kl" else -logq.gather(1, g[:, None]).mean())
+        if cluster is not None:  # the centroid scorer: the target's probability mass per cluster
+            scores = torch.log_softmax(drafter.masked_embedding.centroids(normed[valid]).float(), dim=-1)  # [N, C]
+            mass = torch.zeros_like(scores).index_add_(1, cluster, t.exp())  # [N, C]
+            total = total + kl(mass.clamp_min(0).log(), scores)
+        drafted = step.logits[valid].argmax(-1)  # what the loop would draft (masked head: among selected clusters)
+        stats.append([(drafted == g).float().sum().item(), int(valid.sum())])
+    return total, stats
+
+
+@torch.no_grad()
+def drafter_agreement(drafter: Drafter, target: Gemma4Model, data: dict, steps: int, batch: int = 8) -> list[float]:
+    """Per draft step: how often the drafter's argmax equals the target's, where the step would be reached
+    (conditional on the steps before it having been accepted)."""
+    counts = [[0.0, 0] for _ in range(steps)]
+    for i in range(0, len(data["ids"]), batch):
+        _, stats = drafter_loss(drafter, target, rows_of(data, torch.arange(i, min(i + batch, len(data["ids"])))),
+                                steps)
+        for c, (a, n) in zip(counts, stats):
+            c[0] += a
+            c[1] += n
+    return [a / max(n, 1) for a, n in counts]
+
+
+@torch.no_grad()
+def acceptance_per_position(drafter: Drafter, target: Gemma4Model, data: dict, steps: int,
+                            batch: int = 8) -> list[float]:
+    """A_j for j = 1..steps: of the round starts with room for j drafts (positions p >= the row's "first", with
+    p + j - 1 inside the sequence, on the greedy path), the share at which drafts 1..j all equal the target's greedy
+    tokens, i.e. a round of >= j drafts would accept >= j (greedy decoding; as scripts/eval_tiny.py counts it)."""
+    hits, counts = [0] * steps, [0] * steps
+    for i in range(0, len(data["ids"]), batch):
+        part = rows_of(data, torch.arange(i, min(i + batch, len(data["ids"]))))
+        accepted = None
+        for j, step, _, _, valid, greedy in draft_steps(drafter, target, part, steps):
+            match = step.logits.argmax(-1) == greedy  # [B, S-1]
+            accepted = match if accepted is None else accepted & match
+            hits[j - 1] += int((accepted & valid).sum())
+            counts[j - 1] += int(valid.sum())
+    return [h / c if c else float("nan") for h, c in zip(hits, counts)]
+
+
+# ---- the model of speed ----------------------------------------------------------------------------------------
+def expected_tokens(acceptance: list[float], n: int) -> float:
+    """E[tokens per round] with n drafts: the bonus token plus, for each j <= n, P(at least j accepted) = A_j."""
+    return 1.0 + sum(a for a in acceptance[:n] if not math.isnan(a))
+
+
+def predicted_speedups(acceptance: list[float], drafter_cost: float, verify_cost: dict[int, float] | None = None
+                       ) -> dict[int, float]:
+    """Predicted speed-up over target-only decoding for n = 1..len(acceptance) drafts per round: E[tokens per round]
+    over the round's cost, n drafter steps plus one verify pass over n + 1 tokens, in units of one target decode
+    step (`drafter_cost`: a drafter step's cost in those units; `verify_cost[n]`: the verify pass's, 1 if unknown)."""
+    verify_cost = verify_cost or {}
+    return {n: expected_tokens(acceptance, n) / (n * drafter_cost + verify_cost.get(n, 1.0))
+            for n in range(1, len(acceptance) + 1)}
+
+
+# ---- optimisation helpers ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_weights(model: torch.nn.Module, generator: torch.Generator, std: float = 0.02) -> None:
+    """transformers' Gemma init: matrices and tables ~ N(0, std); norms and layer scalars stay 1."""
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+@torch.no_grad()
+def warm_start(drafter: Drafter, target: Gemma4Model) -> None:
+    """Start the drafter's tied head from the target's embedding table and its post-projection at the identity
+    (where the widths are equal), so its first outputs already live in the target's hidden space."""
+    if drafter.model.embed_tokens.weight.shape == target.embed_tokens.weight.shape:
+        drafter.model.embed_tokens.weight.copy_(target.embed_tokens.weight)
+    if drafter.post_projection.weight.shape[0] == drafter.post_projection.weight.shape[1]:
+        drafter.post_projection.weight.copy_(torch.eye(drafter.post_projection.weight.shape[0]))
+
+
+@torch.no_grad()
+def round_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round the floating weights to `dtype` in place (the storage dtype is kept): the model becomes the one that
+    ships in `dtype`."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            t.copy_(t.to(dtype).to(t.dtype))
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only."""
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW's state as (tensors for safetensors, JSON-ready rest): no pickle."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
+               for index, entry in state["state"].items() for name, value in entry.items()}
+    return tensors, {"param_groups": state["param_groups"], "indices": sorted(state["state"])}
+
+
+def optimizer_from_safetensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore what `optimizer_to_safetensors` saved."""
+    state = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -1,0 +1,286 @@
+"""scripts/train_drafter.py and drafter/training.py: a few steps end to end on tiny random pairs.
+
+Oracles: transformers loads the trained folder and gives our logits; an uninterrupted run gives the losses a run
+resumed after an interruption gives; the held-out split is a function of the text; and the teacher inputs equal, at
+every round, what speculative.generate hands a (recording) drafter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from drafter import training
+from gemma4 import KVView
+from speculative import generate
+from weights import load_drafter, load_target
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_drafter = _script("train_drafter")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, checkpoint, drafter_checkpoint):
+    """pair(family) -> (target folder with a 512-piece tokenizer, its tiny random drafter folder, a data folder)."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("train-drafter")
+    keys = sorted(topics)
+    tokenizer = _script("train_tiny").train_tokenizer([topics[k] for k in keys[:40]], 512)
+    data = root / "data"
+    (data / "notes").mkdir(parents=True)
+    with open(data / "docs.jsonl", "w") as f:
+        for k in keys[40:]:
+            f.write(json.dumps({"text": topics[k][:1200]}) + "\n")
+    (data / "notes" / "a.txt").write_text(topics[keys[0]][:3000])
+    made = {}
+
+    def make(family: str):
+        if family not in made:
+            target = root / f"target-{family}"
+            shutil.copytree(checkpoint(family), target)
+            (target / "tokenizer.model").write_bytes(tokenizer)
+            made[family] = (target, drafter_checkpoint(family), data)
+        return made[family]
+
+    return make
+
+
+def run(target, data, out, *extra, measure: bool = False) -> int:
+    """A 4-step run; the step costs measured only with `measure` (else a drafter step counts 0.2 decode steps)."""
+    argv = ["--target", str(target), "--data", str(data), "--out", str(out), "--steps", "4", "--seq-len", "32",
+            "--batch-size", "4", "--eval-every", "2", "--greedy-seqs", "8", "--eval-seqs", "4", "--held-out", "0.25",
+            "--eval-steps", "4", "--loop-prompts", "0", "--no-progress", *extra]
+    return train_drafter.main(argv + ([] if measure else ["--drafter-cost", "0.2"]))
+
+
+@pytest.mark.parametrize("init", ["e2b", "e4b", "scratch"])
+def test_trained_folder_loads_in_ours_and_transformers_with_equal_logits(init, pair, tmp_path):
+    from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+    family = "e2b" if init == "scratch" else init
+    target_dir, drafter_dir, data = pair(family)
+    out = tmp_path / "out"
+    extra = ["--init", "scratch", "--size", "32"] if init == "scratch" else ["--init", str(drafter_dir)]
+    if init == "e2b":  # measure the step costs and run the loop check once
+        extra += ["--loop-prompts", "1", "--loop-new-tokens", "12"]
+    assert run(target_dir, data, out, *extra, measure=init == "e2b") == 0
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["steps"] == 4 and len(report["losses"]) == 4 and all(l > 0 for l in report["losses"])
+    assert [e["step"] for e in report["evals"]] == [0, 2]
+    gen = json.loads((out / "generation_config.json").read_text())
+    speed = report["predicted_speedup"]["after"]
+    assert gen["num_assistant_tokens"] == int(max(speed, key=speed.get)) == report["num_assistant_tokens"]
+    if init == "e2b":
+        assert all(report["loop_check"][name]["outputs_identical"] for name in ("before", "after"))
+        assert set(report["costs"]["verify_cost"]) == {"1", "2", "3", "4"}
+
+    target = load_target(target_dir)
+    ours = load_drafter(out, target=target)
+    theirs = Gemma4AssistantForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    hf_target = Gemma4ForCausalLM.from_pretrained(target_dir, attn_implementation="eager").eval()
+    x = torch.randint(4, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    p = 19
+    with torch.no_grad():
+        ref = hf_target(x[:, :p], return_shared_kv_states=True, output_hidden_states=True)
+        want = theirs(inputs_embeds=torch.cat([hf_target.get_input_embeddings()(x[:, p:]),
+                                               ref.hidden_states[-1][:, -1:]], -1),
+                      position_ids=torch.tensor([[p]]), shared_kv_states=ref.shared_kv_states).logits
+        views = {t: KVView(k, v, torch.arange(k.shape[2])) for t, (k, v) in ref.shared_kv_states.items()}
+        got = ours.step(target, x[:, p:], ref.hidden_states[-1][:, -1:], p, views).logits
+    kept = torch.isfinite(got)  # a centroid-masked head: -inf outside its clusters (transformers: min - 1)
+    assert kept.sum() > 0
+    torch.testing.assert_close(got[kept], want[kept], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_resume_continues_the_step_count_and_the_loss_curve(pair, tmp_path, monkeypatch):
+    target_dir, drafter_dir, data = pair("e2b")
+    assert run(target_dir, data, tmp_path / "whole", "--init", str(drafter_dir)) == 0
+    whole = json.loads((tmp_path / "whole" / "training_report.json").read_text())
+
+    calls = {"n": 0}
+    real_loss = train_drafter.drafter_loss
+
+    def interrupted(*args, **kwargs):  # the run dies during its third step, after the step-2 checkpoint
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_drafter, "drafter_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(target_dir, data, tmp_path / "parts", "--init", str(drafter_dir))
+    state = json.loads((tmp_path / "parts" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    monkeypatch.setattr(train_drafter, "drafter_loss", real_loss)
+    assert train_drafter.main(["--out", str(tmp_path / "parts"), "--resume", "--no-progress"]) == 0
+    parts = json.loads((tmp_path / "parts" / "training_report.json").read_text())
+    assert parts["steps"] == 4
+    torch.testing.assert_close(torch.tensor(parts["losses"]), torch.tensor(whole["losses"]), atol=1e-6, rtol=1e-6)
+    assert parts["acceptance_per_position"] == whole["acceptance_per_position"]
+    a, b = load_drafter(tmp_path / "whole"), load_drafter(tmp_path / "parts")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_held_out_split_is_deterministic_disjoint_and_follows_the_text(pair, tmp_path):
+    target_dir, drafter_dir, data = pair("e2b")
+    docs = train_drafter.read_documents([str(data)], None)
+    assert len(docs) == len({d["text"] for d in docs}) > 20
+    held = {d["text"] for d in docs if train_drafter.is_held_out(d["text"], 0.25)}
+    train = {d["text"] for d in docs if not train_drafter.is_held_out(d["text"], 0.25)}
+    assert held and train and not held & train and len(held) + len(train) == len(docs)
+    assert 0.05 < len(held) / len(docs) < 0.5
+    # the rule reads the text alone: the same texts in another file, in another order, split the same way
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in reversed(docs)))
+    again = train_drafter.read_documents([str(moved)], None)
+    assert {d["text"] for d in again if train_drafter.is_held_out(d["text"], 0.25)} == held
+    # the run trains on the training documents' tokens only and reports the held-out ones
+    assert run(target_dir, data, tmp_path / "out", "--init", str(drafter_dir), "--loop-prompts", "0") == 0
+    record = json.loads((tmp_path / "out" / "training_report.json").read_text())["data"]
+    tok = train_drafter.load_tokenizer(target_dir)
+    train_docs = [d for d in docs if d["text"] in train]
+    assert record["train_tokens"] == sum(len(t) for t in train_drafter.tokenize(train_docs, tok))
+    assert sorted(record["held_out_sources"]) == sorted(d["source"] for d in docs if d["text"] in held)
+
+
+def test_messages_are_rendered_with_the_chat_template(tmp_path):
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                                  {"role": "assistant", "content": "Hello"}]}) + "\n")
+    template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    (doc,) = train_drafter.read_documents([str(tmp_path / "chat.jsonl")], template)
+    assert doc == {"source": f"{tmp_path / 'chat.jsonl'}:1", "text": "<bos>[user]Hi[assistant]Hello", "chat": True}
+
+
+class Recorder:
+    """A drafter with the loop's interface that records what each step is handed and what it returns."""
+
+    def __init__(self, drafter):
+        self.drafter, self.config = drafter, drafter.config
+        self.generation_config = drafter.generation_config
+        self.sliding_history = drafter.sliding_history
+        self.calls = []
+
+    def context(self, position, views):
+        return self.drafter.context(position, views)
+
+    def step(self, target, token, hidden, position, views, context=None):
+        out = self.drafter.step(target, token, hidden, position, views, context)
+        self.calls.append(dict(position=int(torch.as_tensor(position).reshape(-1)[0]), token=int(token.reshape(-1)[0]),
+                               hidden=hidden.clone(), logits=out.logits.clone(),
+                               views={t: (v.k.clone(), v.v.clone(), v.positions.reshape(-1).clone())
+                                      for t, v in views.items()}))
+        return out
+
+
+def test_teacher_inputs_equal_what_the_loop_feeds_the_drafter():
+    """The bundled pair (it accepts most drafts, so chained steps get compared too): every round of a greedy
+    generation, against teacher_inputs / draft_steps over the finished sequence."""
+    target = load_target(ROOT / "tiny_gemma4" / "target")
+    drafter = Recorder(load_drafter(ROOT / "tiny_gemma4" / "drafter", target=target))
+    prompt = [2] + list(range(300, 340))
+    result = generate(target, drafter, prompt, max_new_tokens=40, num_draft_tokens=4)
+    seq = torch.tensor([prompt + result.tokens])
+    S = seq.shape[1]
+    batch = training.teacher_inputs(target, seq)
+    steps = {j: (out.logits[0], greedy[0]) for j, out, _, _, _, greedy in training.draft_steps(drafter.drafter, target,
+                                                                                                batch, 4)}
+    rounds = {}
+    for call in drafter.calls:
+        rounds.setdefault(call["position"], []).append(call)
+    assert len(rounds) >= 5 and any(len(r) == 4 for r in rounds.values())
+    compared = 0
+    for P, calls in rounds.items():
+        first = calls[0]
+        assert first["token"] == int(seq[0, P])  # the last token x_P
+        torch.testing.assert_close(first["hidden"][0, 0], batch["hidden"][0, P - 1], atol=1e-4, rtol=1e-4)
+        for kind, (k, v, positions) in first["views"].items():
+            seen = sorted(int(p) for p in positions if 0 <= p < P)
+            history = drafter.sliding_history if kind != "full_attention" else P
+            assert seen[-min(P, history):] == list(range(max(0, P - history), P))  # every position it reads
+            for index, pos in enumerate(positions.tolist()):
+                if 0 <= pos < P:
+                    torch.testing.assert_close(k[0, :, index], batch["kv"][kind][0][0, :, pos], atol=1e-4, rtol=1e-4)
+                    torch.testing.assert_close(v[0, :, index], batch["kv"][kind][1][0, :, pos], atol=1e-4, rtol=1e-4)
+        for j, call in enumerate(calls, start=1):
+            drafts_so_far = [int(c["logits"][0, -1].argmax()) for c in calls[: j - 1]]
+            if P + j - 1 >= S or drafts_so_far != seq[0, P + 1 : P + j].tolist():
+                break  # step j of training is fed the greedy path; the loop's drafts left it
+            logits, greedy = steps[j]
+            torch.testing.assert_close(call["logits"][0, -1], logits[P - 1], atol=2e-3, rtol=1e-3)
+            compared += j > 1
+    assert compared >= 5  # chained steps (j > 1) were compared, not only first steps
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--held-out", "1.5"], "--held-out must be between 0 and 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--size", "32"], "--size applies to --init scratch only"),
+    (["--dtype", "int8"], "--dtype: unsupported dtype"),
+])
+def test_bad_options_exit_2_with_one_line(argv, message, pair, tmp_path, capsys):
+    target_dir, drafter_dir, data = pair("e2b")
+    assert run(target_dir, data, tmp_path / "out", "--init", str(drafter_dir), *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("train_drafter.py: error:")
+
+
+def test_bad_inputs_exit_2_naming_the_problem(pair, tmp_path, capsys):
+    target_dir, drafter_dir, data = pair("e2b")
+    other_drafter = pair("e4b")[1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')
+    cases = [
+        (["--init", str(drafter_dir), "--data", str(tmp_path / "missing")], "no such file or folder"),
+        (["--init", str(drafter_dir), "--data", str(bad)], f"{bad}:2: a JSONL line needs"),
+        (["--init", str(other_drafter)], "drafter does not fit the target"),
+        ([], "--init is required"),
+    ]
+    for extra, message in cases:
+        assert run(target_dir, data, tmp_path / "out", *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # progress lines may come before it
+        assert message in err and err.startswith("train_drafter.py: error:"), err
+    assert train_drafter.main(["--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_speed_model_is_tokens_per_round_over_round_cost():
+    acceptance = [0.9, 0.8, 0.5]
+    assert training.expected_tokens(acceptance, 2) == pytest.approx(2.7)
+    speed = training.predicted_speedups(acceptance, 0.1, {1: 1.2, 2: 1.3, 3: 1.4})
+    assert speed == pytest.approx({1: 1.9 / 1.3, 2: 2.7 / 1.5, 3: 3.2 / 1.7})
+
+
+def test_optimizer_state_round_trips_through_safetensors():
+    model = torch.nn.Linear(3, 2)
+    opt = training.make_optimizer(model, 1e-2, 0.01)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    tensors, meta = training.optimizer_to_safetensors(opt)
+    meta = json.loads(json.dumps(meta))
+    fresh = training.make_optimizer(model, 1e-2, 0.01)
+    training.optimizer_from_safetensors(fresh, tensors, meta)
+    for a, b in zip(opt.state.values(), fresh.state.values()):
+        for key in a:
+            assert torch.equal(a[key], b[key])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
