@@ -4,5 +4,5 @@ from .loop import NumericalError, generate, generate_batch
 from .schedule import MAX_DRAFT_TOKENS, SCHEDULES
 from .stats import GenerationResult, GenerationStats, RoundInfo
 
-__all__ = ["MAX_DRAFT_TOKENS", "NumericalError", "SCHEDULES", "GenerationResult", "GenerationStats", "RoundInfo", "generate",
-           "generate_batch"]
+__all__ = ["MAX_DRAFT_TOKENS", "NumericalError", "SCHEDULES", "GenerationResult", "GenerationStats", "RoundInfo",
+           "generate", "generate_batch"]

@@ -36,8 +36,8 @@ GOOD_P = 1e-3  # a correct sampler fails this with probability 1e-3 (the seeds a
 BROKEN_P = 1e-6
 
 
-@pytest.fixture(scope="module")
-def target() -> Gemma4Model:
+def build_sampling_target() -> Gemma4Model:
+    """A 2-layer target over V = 8 tokens (one sliding, one full layer)."""
     cfg = dict(tiny.DENSE31B_LIKE, vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                layer_types=[SLIDING, FULL])
     torch.manual_seed(0)
@@ -46,6 +46,11 @@ def target() -> Gemma4Model:
     with torch.no_grad():
         model.embed_tokens.weight.mul_(4.0)  # a spread-out but far from uniform next-token distribution
     return model
+
+
+@pytest.fixture(scope="module")
+def target() -> Gemma4Model:
+    return build_sampling_target()
 
 
 class TableDrafter:
