@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 import torch
 
 from gemma4 import SLIDING
-from gemma4.cache import SLIDING_SLACK, sliding_capacity
+from gemma4.cache import SLIDING_SLACK, KVCache, sliding_capacity
+from gemma4.layers import KEY_BLOCK
 
 from . import sampling
 from .options import check_drafter, check_options, first_num_draft_tokens, prompt_ids, stop_tokens
 from .sampling import Sampler, accept_greedy, accept_sampled
-from .schedule import max_num_draft_tokens, next_num_draft_tokens
+from .schedule import MAX_DRAFT_TOKENS, max_num_draft_tokens, next_num_draft_tokens
 from .stats import GenerationResult, GenerationStats, RoundInfo, Stopwatch
 
 FINISHED_ROWS = ("drop", "keep")
@@ -50,16 +51,30 @@ DRAFT_LENGTHS = ("max", "min")
 def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_tokens: int | None = None,
              schedule: str = "constant", temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop_token_ids=None,
-             on_round=None) -> GenerationResult:
+             on_round=None, cache=None) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` (list[int], [S] or [1, S]) with `target`, drafting
     with `drafter` (None: target-only decoding). Greedy when temperature == 0, else lossless speculative sampling
     from the target's temperature / top-k / top-p distribution, reproducible with `seed`. `on_round(RoundInfo)` is
-    called for the prefill's token and after every round. Returns the new tokens and statistics."""
+    called for the prefill's token and after every round. Returns the new tokens and statistics.
+
+    `cache` continues an earlier generation (a conversation): a cache from `new_session_cache(target)` whose
+    `length` positions hold the K/V of the first `length` tokens of `input_ids` (the caller keeps track of which
+    tokens those are, and rolls the cache back to the common prefix first). Only the rest of `input_ids` is
+    prefilled (`stats.prompt_tokens_reused` counts the others); on return the cache holds exactly input_ids + the
+    new tokens but the last."""
     prompt = prompt_ids(input_ids, target.config.vocab_size)
     report = None if on_round is None else (lambda row, info: on_round(info))
     return _generate(target, drafter, [prompt], max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
                      schedule=schedule, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     stop_token_ids=stop_token_ids, on_round=report)[0]
+                     stop_token_ids=stop_token_ids, on_round=report, cache=cache)[0]
+
+
+def new_session_cache(target, drafter=None) -> KVCache:
+    """An empty cache for `generate(..., cache=...)` across calls: room for any schedule's rollbacks (k up to
+    MAX_DRAFT_TOKENS) and the drafter's sliding history, with the config's ring geometry (the same as a fresh
+    `generate`); the full-attention buffers grow as the conversation does."""
+    return target.new_cache(batch_size=1, max_length=KEY_BLOCK, max_rollback=MAX_DRAFT_TOKENS + 1,
+                            min_sliding_history=getattr(drafter, "sliding_history", 0))
 
 
 @torch.inference_mode()
@@ -104,7 +119,7 @@ class _Row:
 
 def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_draft_tokens, schedule, temperature,
               top_k, top_p, seed, stop_token_ids, finished="drop", draft_length="max",
-              on_round=None) -> list[GenerationResult]:
+              on_round=None, cache=None) -> list[GenerationResult]:
     config = target.config
     longest = max(len(p) for p in prompts)
     check_options(prompt_len=longest, max_positions=config.max_position_embeddings,
@@ -121,15 +136,20 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
     # The cache's geometry depends on the config alone, not on k, the schedule, the drafter or the batch: the same
     # key layout in a target-only and a speculative run is half of why greedy outputs agree bit for bit
     # (gemma4/cache.py). Room for k_max more positions: a row may verify drafts beyond its own budget.
-    cache = target.new_cache(batch_size=len(prompts), max_length=longest + max_new_tokens + k_max,
-                             max_rollback=k_max + 1, min_sliding_history=history)
+    reused, continued = [0] * len(prompts), cache is not None
+    if not continued:
+        cache = target.new_cache(batch_size=len(prompts), max_length=longest + max_new_tokens + k_max,
+                                 max_rollback=k_max + 1, min_sliding_history=history)
+    else:
+        reused = [check_continued_cache(cache, target, len(prompts[0]), k_max, history)]
     generator = new_generator(target.device, seed)
-    rows = [_Row(b, len(p), k0, stats=GenerationStats(prompt_tokens=len(p))) for b, p in enumerate(prompts)]
+    rows = [_Row(b, len(p), k0, stats=GenerationStats(prompt_tokens=len(p), prompt_tokens_reused=r))
+            for b, (p, r) in enumerate(zip(prompts, reused))]
     watch = Stopwatch(target.device)
 
     firsts = []
-    for row, prompt in zip(rows, prompts):
-        firsts.append(prefill(target, cache, prompt, sampler, generator, row=row.index))
+    for row, prompt, start in zip(rows, prompts, reused):
+        firsts.append(prefill(target, cache, prompt[start:], sampler, generator, row=row.index))
         row.stats.prefill_seconds = watch.lap()
     token = torch.cat([t for t, _, _ in firsts])  # [B, 1]
     h = torch.cat([h for _, h, _ in firsts])  # [B, 1, H]
@@ -188,7 +208,23 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
             h = torch.where(frozen[:, None, None], h, new_h)
         if finished == "drop":
             active, token, h = drop_finished(cache, active, token, h)
+    if continued:  # forget accepted drafts that a stop or the budget cut: the cache holds prompt + out[:-1]
+        cache.rollback(cache.length - (rows[0].prompt_len + len(rows[0].out) - 1))
     return [GenerationResult(tokens=row.out, stats=row.stats) for row in rows]
+
+
+def check_continued_cache(cache, target, prompt_len: int, k_max: int, history: int) -> int:
+    """A cache handed to `generate` to continue: one row of this target's geometry, with room for the rounds, and
+    shorter than the prompt (its last token must be processed). Returns how many prompt tokens it holds."""
+    if cache.batch_size != 1 or cache.config != target.config:
+        raise ValueError("cache must be a one-row cache of this target (speculative.new_session_cache)")
+    if cache.max_rollback < k_max + 1 or cache.history < history:
+        raise ValueError(f"cache was built for rollbacks of {cache.max_rollback} and a history of {cache.history}: "
+                         f"this generation needs {k_max + 1} and {history} (speculative.new_session_cache)")
+    if cache.length >= prompt_len:
+        raise ValueError(f"cache holds {cache.length} positions but input_ids has {prompt_len} tokens: roll it back "
+                         "to a prefix shorter than input_ids first")
+    return cache.length
 
 
 def drop_finished(cache, active: list[_Row], token, h):

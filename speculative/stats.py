@@ -35,6 +35,7 @@ class GenerationStats:
     target_forward_passes: int = 0
     drafter_steps: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_reused: int = 0  # prompt tokens whose K/V a continued cache already held (not prefilled again)
     decode_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -59,8 +60,13 @@ class GenerationStats:
         return self.decode_tokens / passes if passes > 0 else 0.0
 
     @property
+    def prompt_tokens_processed(self) -> int:
+        """Prompt tokens the prefill ran (all of them unless a cache was continued)."""
+        return self.prompt_tokens - self.prompt_tokens_reused
+
+    @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        return self.prompt_tokens_processed / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -71,7 +77,8 @@ class GenerationStats:
         """Plain JSON-ready dict: the fields plus the derived rates."""
         out = asdict(self)
         out["rounds"] = [list(r) for r in self.rounds]
-        for name in ("acceptance_rate", "mean_tokens_per_pass", "prefill_tokens_per_second", "tokens_per_second"):
+        for name in ("prompt_tokens_processed", "acceptance_rate", "mean_tokens_per_pass", "prefill_tokens_per_second",
+                     "tokens_per_second"):
             out[name] = getattr(self, name)
         return out
 

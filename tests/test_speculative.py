@@ -388,3 +388,28 @@ def test_incompatible_drafter_is_refused_by_generate(checkpoint, drafter_checkpo
     drafter = load_drafter(drafter_checkpoint("e2b"))  # built for the E2B-like target
     with pytest.raises(IncompatibleDrafterError, match="drafter does not fit the target"):
         generate(target, drafter, PROMPT, max_new_tokens=4)
+
+
+def test_a_continued_cache_prefills_only_the_new_tokens_and_gives_the_fresh_output():
+    """generate(..., cache=...) across calls (a conversation): turn 2 processes only what turn 1 did not, and its
+    greedy tokens equal a fresh generate over the whole history; a stop inside an accepted block leaves the cache
+    holding exactly prompt + output but the last token."""
+    from speculative import new_session_cache
+
+    target = target_for("e2b")
+    free = reference("e2b", tuple(LONG_PROMPT), 30)
+    drafter = ScriptedDrafter(target, LONG_PROMPT + free, always)
+    stop = free[5]  # inside the second block of 4 accepted drafts + 1
+    cache = new_session_cache(target, drafter)
+    first = generate(target, drafter, LONG_PROMPT, max_new_tokens=30, num_draft_tokens=4, cache=cache,
+                     stop_token_ids=[stop])
+    assert first.tokens == free[: free.index(stop) + 1] and first.stats.prompt_tokens_reused == 0
+    assert cache.length == len(LONG_PROMPT) + len(first.tokens) - 1
+    history = LONG_PROMPT + first.tokens + PROMPT
+    second = generate(target, None, history, max_new_tokens=10, cache=cache, stop_token_ids=[])
+    assert second.tokens == reference("e2b", tuple(history), 10)
+    assert (second.stats.prompt_tokens_reused, second.stats.prompt_tokens_processed) == (len(history) - 7, 7)
+    with pytest.raises(ValueError, match="roll it back"):
+        generate(target, None, history[:5], max_new_tokens=2, cache=cache)
+    with pytest.raises(ValueError, match="one-row cache"):
+        generate(target, None, history, max_new_tokens=2, cache=target.new_cache(batch_size=2))
