@@ -5,9 +5,12 @@
     python scripts/generate.py --target google/gemma-4-E2B-it --prompt "Why is the sky blue?"
     python scripts/generate.py --target ./my-gemma --prompt "..." --compare        # speed-up vs target only
     python scripts/generate.py --target ./my-gemma --prompt "..." --show-drafts    # watch drafts being verified
+    python scripts/generate.py --target ./my-gemma --prompts-file questions.jsonl --batch-size 4 > answers.jsonl
 
 The answer streams to stdout as it is accepted; a summary (tokens, rounds, acceptance, tokens per target pass,
-tokens/s) goes to stderr. `--json` prints one JSON object as the last line of stdout instead. User errors (a
+tokens/s) goes to stderr. `--json` prints one JSON object as the last line of stdout instead. `--prompts-file`
+runs many prompts, `--batch-size` at a time (speculative.generate_batch), and prints one JSON line per prompt, in
+the file's order; the summary gives tokens/s for the whole run. User errors (a
 missing folder, an offline hub, a drafter that does not fit, a bad option) print one line and exit with status 2;
 every option is checked, and the folders looked at, before a model is loaded.
 """
@@ -27,7 +30,7 @@ import torch  # noqa: E402
 
 from drafter import IncompatibleDrafterError  # noqa: E402
 from gemma4 import CacheError, ConfigError  # noqa: E402
-from speculative import SCHEDULES, NumericalError, generate  # noqa: E402
+from speculative import SCHEDULES, NumericalError, generate, generate_batch  # noqa: E402
 from speculative.options import check_options  # noqa: E402
 from weights import (  # noqa: E402
     ChatTemplateError, CheckpointError, load_chat_template, load_drafter, load_target, load_tokenizer, render_chat,
@@ -55,6 +58,10 @@ SHOW_DRAFTS_HELP = (
     "green, rejected ones in red and struck through, and the target's own next token (the bonus) in bold cyan; when "
     "stdout is not a terminal or NO_COLOR is set, plain markers: +accepted+ -rejected- *bonus*"
 )
+PROMPTS_FILE_HELP = (
+    "many prompts: one per line (plain text, blank lines skipped), or JSONL (.jsonl, or every line a JSON object) "
+    "with a \"prompt\" string, a \"messages\" list (chat turns) or \"prompt_ids\"; prints one JSON line per prompt"
+)
 THREADS_HELP = (
     "CPU threads for torch (default: one per core that no other process is keeping busy when the run starts; "
     "threads beyond the free cores wait on each other and run several times slower)"
@@ -81,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt.add_argument("--prompt", help="the user message (default: a short request; for the bundled pair, the "
                         "start of a Python function, as plain text)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids (for checkpoints without a tokenizer)")
+    prompt.add_argument("--prompts-file", metavar="FILE", help=PROMPTS_FILE_HELP)
+    p.add_argument("--batch-size", type=int, default=4, help="with --prompts-file: prompts generated together "
+                   "(default 4; 1 runs them one by one)")
     p.add_argument("--raw", action="store_true", help="use the prompt as plain text, without the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per round (default: the drafter's "
@@ -114,6 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.prompt = "Write a short poem about the sea."
     if args.no_draft and (args.compare or args.drafter):
         p.error("--no-draft cannot be combined with --compare or --drafter")
+    if args.prompts_file is not None and (args.compare or args.show_drafts):
+        p.error("--prompts-file cannot be combined with --compare or --show-drafts (one JSON line per prompt)")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.threads is not None and args.threads < 1:
@@ -132,6 +146,7 @@ def check_args(args) -> None:
     except ValueError as e:
         raise UserError(f"--dtype: {e}") from None
     args.ids = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else None
+    args.entries = read_prompts_file(args.prompts_file) if args.prompts_file else None
     given = {name: getattr(args, name) for name in CLI_OPTIONS}
     check_cli_options(args, dict(given, temperature=0.0 if args.temperature is None else args.temperature))
     check_folder(args.target, "--target")
@@ -246,6 +261,51 @@ def shown(path) -> str:
     return str(path)
 
 
+def read_prompts_file(name: str) -> list[dict]:
+    """The prompts of --prompts-file, each as {"prompt": str} / {"messages": list} / {"prompt_ids": list[int]},
+    checked line by line before any model is loaded (errors name FILE:LINE)."""
+    path = Path(name).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"--prompts-file {name}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts-file {name}: cannot be read ({one_line(e)})") from None
+    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
+        raise UserError(f"--prompts-file {name} holds no prompt")
+    if path.suffix != ".jsonl" and not all(line.lstrip().startswith("{") for _, line in numbered):
+        return [{"prompt": line} for _, line in numbered]
+    entries = []
+    for i, line in numbered:
+        try:
+            entry = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{name}:{i}: not a JSON object ({e})") from None
+        entries.append(check_entry(entry, f"{name}:{i}"))
+    return entries
+
+
+def check_entry(entry, where: str) -> dict:
+    """One JSONL line: exactly one of "prompt" (a string), "messages" (chat turns) or "prompt_ids" (token ids)."""
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: expected a JSON object with a \"prompt\" or \"messages\" field")
+    given = [key for key in ("prompt", "messages", "prompt_ids") if key in entry]
+    if len(given) != 1:
+        raise UserError(f"{where}: expected exactly one of \"prompt\", \"messages\" or \"prompt_ids\", found "
+                        f"{given or sorted(entry)}")
+    value = entry[given[0]]
+    if given[0] == "prompt" and not (isinstance(value, str) and value):
+        raise UserError(f"{where}: \"prompt\" must be a non-empty string")
+    if given[0] == "messages" and not (isinstance(value, list) and value
+                                        and all(isinstance(m, dict) and "role" in m for m in value)):
+        raise UserError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": ..., \"content\": ...}}")
+    if given[0] == "prompt_ids" and not (isinstance(value, list) and value
+                                          and all(isinstance(t, int) and not isinstance(t, bool) for t in value)):
+        raise UserError(f"{where}: \"prompt_ids\" must be a non-empty list of integer token ids")
+    return {given[0]: value}
+
+
 def parse_prompt_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.split(",") if t.strip()]
@@ -313,18 +373,22 @@ def load_models(args):
     return target, drafter
 
 
-def prompt_ids(args, target, tokenizer) -> list[int]:
-    if args.ids is not None:
-        return args.ids
+def prompt_ids(args, target, tokenizer, entry: dict | None = None) -> list[int]:
+    """The token ids of --prompt-ids, --prompt, or one --prompts-file entry: raw text (--raw) or chat turns
+    rendered with the checkpoint's chat template."""
+    entry = entry or ({"prompt_ids": args.ids} if args.ids is not None else {"prompt": args.prompt})
+    if "prompt_ids" in entry:
+        return entry["prompt_ids"]
     if tokenizer is None:
         raise UserError(f"{shown(target.checkpoint_dir)} has no tokenizer (tokenizer.json or tokenizer.model); "
-                        "pass --prompt-ids instead of --prompt")
-    if args.raw:
-        return tokenizer.encode(args.prompt, add_bos=True)
+                        "pass token ids (--prompt-ids, or \"prompt_ids\" in a JSONL --prompts-file)")
+    if "prompt" in entry and args.raw:
+        return tokenizer.encode(entry["prompt"], add_bos=True)
+    messages = entry.get("messages") or [{"role": "user", "content": entry["prompt"]}]
     template = load_chat_template(target.checkpoint_dir)
     specials = {name: tokenizer.decode([i]) for name, i in
                 (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id)) if i is not None}
-    text = render_chat(template, [{"role": "user", "content": args.prompt}], add_generation_prompt=True, **specials)
+    text = render_chat(template, messages, add_generation_prompt=True, **specials)
     return tokenizer.encode(text)
 
 
@@ -440,11 +504,13 @@ def main(argv=None) -> int:
 def run(args) -> int:
     target, drafter = load_models(args)
     tokenizer = load_tokenizer(target.checkpoint_dir) if has_tokenizer(target.checkpoint_dir) else None
-    ids = prompt_ids(args, target, tokenizer)
     options = sampling_options(args, target)
     check_cli_options(args, dict(options, max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
                                  schedule=args.schedule),
                       source=shown(Path(target.checkpoint_dir) / "generation_config.json"))
+    if args.entries is not None:
+        return run_file(args, target, drafter, tokenizer, options)
+    ids = prompt_ids(args, target, tokenizer)
     report: dict = {"threads": torch.get_num_threads()}
     if args.compare:
         log("target only:")
@@ -468,6 +534,35 @@ def run(args) -> int:
     if args.json:
         text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer is not None else None
         print(json.dumps({"tokens": result.tokens, "text": text, "stats": result.stats.to_dict(), **report}))
+    return 0
+
+
+def run_file(args, target, drafter, tokenizer, options) -> int:
+    """--prompts-file: the prompts in batches of --batch-size, one JSON line per prompt as each batch finishes."""
+    batches = []
+    for i, entry in enumerate(args.entries):
+        try:
+            ids = prompt_ids(args, target, tokenizer, entry)
+        except UserError as e:
+            raise UserError(f"{args.prompts_file}, prompt {i + 1}: {e}") from None
+        batches.append(ids)
+    total, start = 0, time.perf_counter()
+    for first in range(0, len(batches), args.batch_size):
+        chunk = batches[first:first + args.batch_size]
+        try:
+            results = generate_batch(target, drafter, chunk, max_new_tokens=args.max_new_tokens,
+                                     num_draft_tokens=args.num_draft_tokens, schedule=args.schedule, **options)
+        except ValueError as e:
+            raise UserError(f"{args.prompts_file}, prompts {first + 1}-{first + len(chunk)}: {e}") from None
+        for i, result in enumerate(results, start=first):
+            text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer is not None else None
+            print(json.dumps({"index": i, **args.entries[i], "text": text, "tokens": result.tokens,
+                              "stats": result.stats.to_dict()}), flush=True)
+            total += len(result.tokens)
+        log(f"prompts {first + 1}-{first + len(chunk)} of {len(batches)} done")
+    seconds = time.perf_counter() - start
+    log(f"{len(batches)} prompts, batch size {args.batch_size}: {total} new tokens in {seconds:.1f} s, "
+        f"{total / seconds:.1f} tokens/s for the whole run (prefills included)")
     return 0
 
 
