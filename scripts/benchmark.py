@@ -21,6 +21,9 @@ Sections, one function each:
             a verify forward over 5 tokens, ours and transformers, bfloat16 and (where memory allows) float32.
             Needs ~10 GB of temporary disk and ~11 GB of free memory (transformers in bf16; ours in fp32 ~10 GB;
             transformers in fp32 would need ~28 GB and runs only if that much is available).
+- batch:    batched decoding (speculative.generate_batch) at batch sizes 1, 2, 4, 8: tokens/s of the bundled pair,
+            speculative and target-only, the speed-up of speculation per batch size, the finished-row policy and
+            the batch's draft-length rule; on an E2B-shaped model (bfloat16) decode and verify cost per batch size.
 Timing hygiene: a fixed torch thread count, warm-up runs, medians, torch.inference_mode(); float32 on CPU.
 Random checkpoints are written tensor by tensor into a temporary folder and deleted afterwards.
 """
@@ -50,12 +53,12 @@ import torch  # noqa: E402
 
 import weights  # noqa: E402,F401  (the memory baseline is taken after `import torch, weights`)
 from gemma4 import Gemma4Config, Gemma4Model  # noqa: E402
-from speculative import generate  # noqa: E402
+from speculative import generate, generate_batch  # noqa: E402
 from weights import load_drafter, load_target, load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 S, F = "sliding_attention", "full_attention"
-SECTIONS = ("forward", "spec", "tradeoff", "memory", "cuda", "e2b")
+SECTIONS = ("forward", "spec", "tradeoff", "memory", "cuda", "e2b", "batch")
 CPU_DTYPE = torch.float32
 
 
@@ -726,6 +729,128 @@ def section_e2b(args, q: dict) -> list[str]:
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
+# ---- batched decoding -------------------------------------------------------------------------------------------
+BATCH_SIZES = (1, 2, 4, 8)
+
+
+def batch_prompts(models: Path, count: int, shortest: int, longest: int) -> list[list[int]]:
+    """`count` held-out prompts whose lengths step from `shortest` to `longest` tokens: a ragged batch."""
+    full = held_out_prompts(models, count, longest)
+    return [ids[: shortest + (longest - shortest) * i // max(1, count - 1)] for i, ids in enumerate(full)]
+
+
+def run_batches(target, drafter, prompts, size: int, new_tokens: int, **options) -> tuple[float, int, list]:
+    """(wall seconds, new tokens, results) of all prompts, `size` at a time, in order."""
+    start, results = time.perf_counter(), []
+    for i in range(0, len(prompts), size):
+        results += generate_batch(target, drafter, prompts[i:i + size], max_new_tokens=new_tokens, **options)
+    return time.perf_counter() - start, sum(len(r.tokens) for r in results), results
+
+
+def section_batch(args, q: dict) -> list[str]:
+    target, drafter = load_pair(args.models)
+    n = args.draft_tokens or drafter.generation_config.get("num_assistant_tokens", 6)
+    prompts = batch_prompts(args.models, max(BATCH_SIZES), q["batch_short"], q["batch_long"])
+    new = q["batch_new"]
+    modes = {"target only": (None, {}), "speculative": (drafter, {"num_draft_tokens": n})}
+    variants = {"keep finished rows (frozen)": dict(finished="keep"),
+                "heuristic, k = rows' max, capped per row": dict(schedule="heuristic"),
+                "heuristic, k = rows' min": dict(schedule="heuristic", draft_length="min")}
+    run_batches(target, drafter, prompts[:2], 2, 8, num_draft_tokens=n)  # warm-up
+    runs = {(mode, b): [] for mode in modes for b in BATCH_SIZES}
+    runs.update({(v, 8): [] for v in variants})
+    reference = {}
+    for _ in range(q["repeats"]):  # interleaved: a slow spell of a shared machine hits every cell alike
+        for (mode, b), walls in runs.items():
+            model, options = modes.get(mode, (drafter, {"num_draft_tokens": n, **variants.get(mode, {})}))
+            wall, tokens, results = run_batches(target, model, prompts, b, new, **options)
+            walls.append(tokens / wall)
+            reference.setdefault(mode, [r.tokens for r in results])
+            assert [r.tokens for r in results] == reference["target only"], f"{mode} at batch {b}: outputs differ"
+            if mode == "speculative":
+                rounds = [r for res in results for r in res.stats.rounds]
+                reference["acceptance"] = sum(a for _, a in rounds) / max(1, sum(d for d, _ in rounds))
+    tps = {key: statistics.median(v) for key, v in runs.items()}
+    lines = [f"{len(prompts)} held-out prompts of {q['batch_short']} to {q['batch_long']} tokens (a ragged batch), up "
+             f"to {new} new tokens each (stop tokens end rows early), greedy, N = {n}, float32, "
+             f"{torch.get_num_threads()} threads; every prompt generated at each batch size (`generate_batch` over "
+             f"chunks of B prompts); tokens/s = all new tokens / wall time (prefills included), median of "
+             f"{q['repeats']} interleaved runs. Every run's outputs equal the target-only batch-1 outputs "
+             f"(checked). Acceptance (speculative, N = {n}): {reference['acceptance']:.3f}.", "",
+             "| batch size | target only tokens/s | speculative tokens/s | speed-up of speculation |",
+             "|---|---|---|---|"]
+    for b in BATCH_SIZES:
+        t, sp = tps["target only", b], tps["speculative", b]
+        lines.append(f"| {b} | {t:.1f} | {sp:.1f} | {sp / t:.2f}x |")
+    lines += ["", "Choices inside a batch (batch size 8, tokens/s):", "",
+              "| variant | tokens/s | vs the default |", "|---|---|---|",
+              f"| default: finished rows dropped, constant N = {n} | {tps['speculative', 8]:.1f} | 1.00x |"]
+    base = tps["speculative", 8]
+    lines += [f"| {v} | {tps[v, 8]:.1f} | {tps[v, 8] / base:.2f}x |" for v in variants]
+    e2b = e2b_batch_costs(args, q)
+    lines += ["", *e2b]
+    lines += plot_batch(tps, args.out.parent / "benchmarks" / "batch.png" if not args.quick
+                        else args.out.with_name("batch.quick.png"))
+    first, last = tps["speculative", 1] / tps["target only", 1], tps["speculative", 8] / tps["target only", 8]
+    lines += ["", f"**Reading:** speculation speeds decoding up {first:.2f}x at batch size 1 and {last:.2f}x at batch "
+              "size 8; batching itself multiplies target-only tokens/s by "
+              f"{tps['target only', 8] / tps['target only', 1]:.2f}x from 1 to 8 rows."]
+    return lines
+
+
+@torch.inference_mode()
+def e2b_batch_costs(args, q: dict) -> list[str]:
+    """An E2B-shaped model (5 layers, bfloat16, random weights: no drafter exists for it, so no acceptance): the
+    median ms of a decode step of B rows and of a verify forward over B rows of N + 1 = 5 tokens."""
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
+        folder = Path(tmp) / "e2b"
+        write_random_checkpoint(folder, e2b_config(5, 0))
+        model = load_target(folder, dtype=torch.bfloat16)
+        costs = {}
+        for b in BATCH_SIZES:
+            cache = model.new_cache(batch_size=b, max_length=q["e2b"]["context"] + 16, max_rollback=8)
+            ids = torch.randint(3, 262144, (b, q["e2b"]["context"] + 5), generator=torch.Generator().manual_seed(b))
+            for row in range(b):
+                model(ids[row:row + 1, :-5], cache, logits_to_keep=1, rows=slice(row, row + 1))
+
+            def step(k: int) -> None:
+                model(ids[:, -5:][:, :k], cache)
+                cache.rollback(k)
+
+            times = round_robin({1: lambda: step(1), 5: lambda: step(5)}, q["e2b"]["verify_reps"], 1)
+            costs[b] = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+        del model
+    lines = [f"E2B-shaped model (E2B's layer geometry and vocabulary, 5 layers, bfloat16, random weights), "
+             f"{q['e2b']['context']}-token context per row, median ms:", "",
+             "| batch size | decode step (B x 1 tokens) | ms per row | verify (B x 5 tokens) | verify / decode |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {b} | {c[1]:.1f} | {c[1] / b:.1f} | {c[5]:.1f} | {c[5] / c[1]:.2f} |" for b, c in costs.items()]
+    return lines
+
+
+def plot_batch(tps: dict, path: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["", "(no plot: matplotlib is not installed; `pip install -e .[plot]`)"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in ("target only", "speculative"):
+        a.plot(BATCH_SIZES, [tps[mode, s] for s in BATCH_SIZES], "o-", label=mode)
+    a.set(xlabel="batch size", ylabel="tokens/s (whole batch)", title="Throughput", xticks=BATCH_SIZES)
+    a.legend()
+    b.plot(BATCH_SIZES, [tps["speculative", s] / tps["target only", s] for s in BATCH_SIZES], "s-")
+    b.axhline(1.0, color="black", lw=0.5)
+    b.set(xlabel="batch size", ylabel="speculative / target-only", title="Speed-up of speculation",
+          xticks=BATCH_SIZES)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return ["", f"![tokens/s and speed-up vs batch size]({os.path.relpath(path, ROOT)})"]
+
+
 KEPT = "Kept from an earlier run (not rerun by `--only"
 
 
@@ -748,11 +873,13 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(prompt=64, decode=4, reps=1, context=64, ns=[0, 1, 3, 4], verify_reps=2, prompts=2,
                     prompt_tokens=48, new_tokens=24, repeats=1, tradeoff_ns=[1, 2, 4], cost_reps=5,
-                    memory_layers=(5, 0), e2b=dict(prompt=16, decode=3, reps=1, context=16, ns=[0, 4], verify_reps=2))
+                    memory_layers=(5, 0), e2b=dict(prompt=16, decode=3, reps=1, context=16, ns=[0, 4], verify_reps=2),
+                    batch_short=16, batch_long=48, batch_new=12)
     return dict(prompt=512, decode=32, reps=3, context=300, ns=list(range(9)), verify_reps=7, prompts=5,
                 prompt_tokens=120, new_tokens=128, repeats=3, tradeoff_ns=list(range(1, 9)), cost_reps=30,
                 memory_layers=(35, 20),
-                e2b=dict(prompt=64, decode=8, reps=1, context=64, ns=[0, 4], verify_reps=5))
+                e2b=dict(prompt=64, decode=8, reps=1, context=64, ns=[0, 4], verify_reps=5),
+                batch_short=40, batch_long=160, batch_new=96)
 
 
 def machine() -> list[str]:
@@ -804,9 +931,10 @@ def main(argv=None) -> int:
               "tradeoff": "3. The draft-length trade-off (bundled tiny pair, ours)",
               "memory": "4. Loading memory (full-size E2B-shaped checkpoint, bfloat16)",
               "cuda": "5. GPU (CUDA, bfloat16, full E2B geometry)",
-              "e2b": "6. The real E2B text geometry on CPU: loading, decode and verify, ours vs transformers"}
+              "e2b": "6. The real E2B text geometry on CPU: loading, decode and verify, ours vs transformers",
+              "batch": "7. Batched decoding: tokens/s per batch size, speculative and target-only"}
     functions = {"forward": section_forward, "spec": section_spec, "tradeoff": section_tradeoff,
-                 "memory": section_memory, "cuda": section_cuda, "e2b": section_e2b}
+                 "memory": section_memory, "cuda": section_cuda, "e2b": section_e2b, "batch": section_batch}
     command = "python scripts/benchmark.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     models = args.models.relative_to(ROOT) if args.models.is_relative_to(ROOT) else args.models
     doc = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
