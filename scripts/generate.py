@@ -6,6 +6,7 @@
     python scripts/generate.py --target ./my-gemma --prompt "..." --compare        # speed-up vs target only
     python scripts/generate.py --target ./my-gemma --prompt "..." --show-drafts    # watch drafts being verified
     python scripts/generate.py --target ./my-gemma --prompts-file questions.jsonl --batch-size 4 > answers.jsonl
+    python scripts/generate.py --target ./my-gemma --chat --system "Be brief."     # a conversation (scripts/chat.py)
 
 The answer streams to stdout as it is accepted; a summary (tokens, rounds, acceptance, tokens per target pass,
 tokens/s) goes to stderr. `--json` prints one JSON object as the last line of stdout instead. `--prompts-file`
@@ -62,6 +63,10 @@ PROMPTS_FILE_HELP = (
     "many prompts: one per line (plain text, blank lines skipped), or JSONL (.jsonl, or every line a JSON object) "
     "with a \"prompt\" string, a \"messages\" list (chat turns) or \"prompt_ids\"; prints one JSON line per prompt"
 )
+CHAT_HELP = (
+    "a conversation: one user message per line of stdin (a >>> prompt at a terminal), answered with the KV cache kept "
+    "across turns; /reset, /stats, /exit; Ctrl-C stops an answer, Ctrl-D exits"
+)
 THREADS_HELP = (
     "CPU threads for torch (default: one per core that no other process is keeping busy when the run starts; "
     "threads beyond the free cores wait on each other and run several times slower)"
@@ -110,8 +115,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--show-drafts", action="store_true", help=SHOW_DRAFTS_HELP)
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout (with "
+                   "--chat: one JSON line per turn)")
+    p.add_argument("--chat", action="store_true", help=CHAT_HELP)
+    p.add_argument("--system", help="with --chat: the system message")
+    p.add_argument("--thinking", choices=("dim", "hide", "show"), default="dim", help="with --chat: how a thinking "
+                   "model's thought channel is shown (default dim)")
+    p.add_argument("--enable-thinking", action="store_true", help="with --chat: ask the chat template for thinking "
+                   "(enable_thinking=True)")
     args = p.parse_args(argv)
+    if args.chat and (args.compare or args.prompts_file or args.prompt_ids or args.prompt or args.raw):
+        p.error("--chat reads the messages from stdin and renders them with the chat template: it cannot be "
+                "combined with --compare, --prompt, --prompt-ids, --prompts-file or --raw")
+    if not args.chat and (args.system is not None or args.enable_thinking):
+        p.error("--system and --enable-thinking need --chat (a single prompt's system message: --prompts-file with "
+                "\"messages\")")
     if args.target is None:  # the bundled pair: a code model without chat turns, so a raw code prompt
         if not BUNDLED_TARGET.is_dir():
             p.error(f"no --target given and the bundled pair is missing ({BUNDLED_TARGET})")
@@ -510,6 +528,8 @@ def run(args) -> int:
                       source=shown(Path(target.checkpoint_dir) / "generation_config.json"))
     if args.entries is not None:
         return run_file(args, target, drafter, tokenizer, options)
+    if args.chat:
+        return run_chat_mode(args, target, drafter, tokenizer, options)
     ids = prompt_ids(args, target, tokenizer)
     report: dict = {"threads": torch.get_num_threads()}
     if args.compare:
@@ -564,6 +584,19 @@ def run_file(args, target, drafter, tokenizer, options) -> int:
     log(f"{len(batches)} prompts, batch size {args.batch_size}: {total} new tokens in {seconds:.1f} s, "
         f"{total / seconds:.1f} tokens/s for the whole run (prefills included)")
     return 0
+
+
+def run_chat_mode(args, target, drafter, tokenizer, options) -> int:
+    """--chat: scripts/chat.py's conversation loop with this run's models and options."""
+    if tokenizer is None:
+        raise UserError(f"--chat needs a tokenizer: {shown(target.checkpoint_dir)} has no tokenizer.json or "
+                        "tokenizer.model")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from chat import run_chat
+
+    show = args.show_drafts and drafter is not None
+    return run_chat(args, target, drafter, tokenizer, load_chat_template(target.checkpoint_dir), options,
+                    drafts_printer=(lambda: Printer(tokenizer, True, False)) if show else None)
 
 
 SPEEDUP_UNMEASURABLE = "speed-up not measurable (no decode step: the prefill chose the only new token)"
