@@ -97,21 +97,34 @@ def bundled_prompt() -> list[int]:
 
 
 # ---- whole generations ------------------------------------------------------------------------------------------
-# Each dtype takes a third of the draft lengths 1..8, so that every family runs all of them across the dtypes.
-DRAFT_LENGTHS = {"float32": (1, 4, 7), "bfloat16": (2, 5, 8), "float16": (3, 6)}
+# The constant draft length each (dtype, family) runs besides the heuristic schedule: the half-precision dtypes run
+# all of 1..8 between them, every family three of them, one per dtype.
+DRAFT_LENGTHS = {
+    "float32": {"e2b": 5, "e4b": 1, "31b": 8, "moe": 3},
+    "bfloat16": {"e2b": 1, "e4b": 4, "31b": 6, "moe": 8},
+    "float16": {"e2b": 3, "e4b": 7, "31b": 2, "moe": 5},
+}
+
+
+def test_the_draft_lengths_cover_one_to_eight():
+    assert {n for lengths in DRAFT_LENGTHS.values() for n in lengths.values()} == set(range(1, 9))
+    assert sorted(n for d in ("bfloat16", "float16") for n in DRAFT_LENGTHS[d].values()) == list(range(1, 9))
+    for family in FAMILIES:
+        assert len({lengths[family] for lengths in DRAFT_LENGTHS.values()}) == 3, family
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_family_greedy_speculative_equals_target_only(family, dtype, pair):
-    """Tiny families (W = 8): a 20-token prompt and 40 new tokens cross the window 7 times and wrap the ring (71
-    slots); constant N as DRAFT_LENGTHS says and the heuristic schedule (k grows after full acceptances)."""
+    """Tiny families (W = 8): a 56-token prompt and 20 new tokens, 76 positions: 9.5 windows, and past the ring's
+    71 slots, so decoding wraps it; constant N as DRAFT_LENGTHS says and the heuristic schedule (k grows after
+    full acceptances)."""
     target, drafter = pair(family, dtype)
-    prompt = _prompt(20, 0)
-    want = generate(target, None, prompt, max_new_tokens=40, stop_token_ids=[]).tokens
+    prompt = _prompt(56, 0)
+    want = generate(target, None, prompt, max_new_tokens=20, stop_token_ids=[]).tokens
     accepted = 0
-    for options in [{"num_draft_tokens": n} for n in DRAFT_LENGTHS[dtype]] + [{"schedule": "heuristic"}]:
-        result = generate(target, drafter, prompt, max_new_tokens=40, stop_token_ids=[], **options)
+    for options in ({"num_draft_tokens": DRAFT_LENGTHS[dtype][family]}, {"schedule": "heuristic"}):
+        result = generate(target, drafter, prompt, max_new_tokens=20, stop_token_ids=[], **options)
         assert result.tokens == want, f"{family} {dtype} {options}"
         accepted += sum(n for _, n in result.stats.rounds)
     assert accepted > 0  # the bias makes drafts pass: verify rows beyond the first are exercised
@@ -121,11 +134,12 @@ def test_tiny_family_greedy_speculative_equals_target_only(family, dtype, pair):
                                            ("bfloat16", {"schedule": "heuristic"}),
                                            ("float16", {"num_draft_tokens": 3})])
 def test_bundled_pair_greedy_speculative_equals_target_only(dtype, options, pair):
-    """The bundled pair (W = 64): a code prompt of 98 tokens and 80 new tokens: 178 positions, 2.8 windows."""
+    """The bundled pair (W = 64): a code prompt of 98 tokens and 40 new tokens: 138 positions, 2.2 windows, past
+    the ring's 127 slots."""
     target, drafter = pair("bundled", dtype)
     prompt = bundled_prompt()
-    want = generate(target, None, prompt, max_new_tokens=80, stop_token_ids=[]).tokens
-    result = generate(target, drafter, prompt, max_new_tokens=80, stop_token_ids=[], **options)
+    want = generate(target, None, prompt, max_new_tokens=40, stop_token_ids=[]).tokens
+    result = generate(target, drafter, prompt, max_new_tokens=40, stop_token_ids=[], **options)
     assert result.tokens == want
     assert result.stats.acceptance_rate > 0.2
 
@@ -149,6 +163,27 @@ def test_verify_rows_equal_one_token_decodes_bit_for_bit(family, dtype, pair):
         many.rollback(7)  # keep 2 of the 9
         again = target(torch.cat([block[:, 2:3], torch.tensor([[7, 8, 9]])], dim=1), many).logits
         assert torch.equal(again[:, 0], decoded[:, 2])
+
+
+def test_bundled_bfloat16_verify_passes_up_to_33_rows_equal_one_token_decodes_bit_for_bit(pair):
+    """The bundled target in bfloat16 (small weights: 128-wide layers, a 4096-token head) after a prefill of 230
+    positions: verify passes of 2, 8, 17 and 33 rows (33: k = 32, the largest draft any schedule asks for) over
+    the same positions, rolled back after each, give row for row the logits of 33 one-token decode steps, bit for
+    bit. This failed while `linear` sent small bfloat16 weights and products of more than 32 rows to F.linear
+    (row 7 of the 8-row pass differed). Float32 and float16 rows: the tiny families' test above."""
+    dtype = "bfloat16"
+    target, _ = pair("bundled", dtype)
+    prompt = torch.tensor([_prompt(230, 3)])
+    block = torch.tensor([_prompt(33, 4)])
+    with torch.inference_mode():
+        one, many = target.new_cache(max_length=270), target.new_cache(max_length=270, max_rollback=33)
+        target(prompt, one), target(prompt, many)
+        decoded = torch.cat([target(block[:, i : i + 1], one).logits for i in range(33)], dim=1)  # [1, 33, V]
+        for rows in (2, 8, 17, 33):
+            verified = target(block[:, :rows], many).logits
+            many.rollback(rows)
+            differ = (verified != decoded[:, :rows]).any(-1)[0].nonzero().flatten().tolist()
+            assert differ == [], f"{dtype}: rows {differ} of a {rows}-row verify pass differ from one-token decodes"
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -194,9 +229,9 @@ def test_cache_geometry_is_the_same_for_every_draft_length_schedule_and_drafter(
 
     monkeypatch.setattr(KVCache, "__init__", recording)
     prompt = _prompt(10, 0)
-    generate(target, None, prompt, max_new_tokens=20, stop_token_ids=[])
+    generate(target, None, prompt, max_new_tokens=12, stop_token_ids=[])
     for options in ({"num_draft_tokens": 1}, {"num_draft_tokens": 8}, {"schedule": "heuristic"}):
-        generate(target, drafter, prompt, max_new_tokens=20, stop_token_ids=[], **options)
+        generate(target, drafter, prompt, max_new_tokens=12, stop_token_ids=[], **options)
     assert len(seen) == 4 and all(s == seen[0] for s in seen)
     assert seen[0][0] == sliding_capacity(target.config) == target.config.sliding_window - 1 + SLIDING_SLACK
     assert all(shape[2] % KEY_BLOCK == 0 for i, shape in seen[0][1].items()
