@@ -38,10 +38,10 @@ def run_chat(args, target, drafter, tokenizer, template, options: dict, *, draft
     schedule, thinking, enable_thinking, json); `options` the sampling ones; `drafts_printer()` makes the per-round
     printer of --show-drafts. Returns the exit status (0 at EOF or /exit)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    thinking = {"enable_thinking": True} if args.enable_thinking else None
     session = Session(target, drafter, tokenizer=tokenizer, template=template, system=args.system,
                       max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
-                      schedule=args.schedule, template_kwargs={"enable_thinking": True} if args.enable_thinking else None,
-                      **options)
+                      schedule=args.schedule, template_kwargs=thinking, **options)
     color = stdout.isatty() and "NO_COLOR" not in os.environ
 
     def note(message: str) -> None:

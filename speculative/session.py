@@ -34,7 +34,7 @@ the first token (inside the prefill) discards the cache: its state is then not k
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -250,8 +250,9 @@ class Session:
                 cache.rollback(snapshot.length - common)
             except CacheError:
                 back = len(self.tokens) - 1 - common
-                self._notes.append(f"the conversation changed {back} tokens back (at position {common}): further than the "
-                              f"sliding window's cache can return to, so the whole history is processed again")
+                self._notes.append(f"the conversation changed {back} tokens back (at position {common}): further "
+                                   "than the sliding window's cache can return to, so the whole history is processed "
+                                   "again")
                 self._new_cache()
                 return "new"
         if self._snapshot is not None and self._snapshot.length > common:
