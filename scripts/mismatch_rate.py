@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--row-invariant-float32", action="store_true",
                         help="float32 products through gemma4.layers.set_row_invariant_float32(True)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the figures to this file (rewritten after every pair and dtype)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.row_invariant_float32:
@@ -145,8 +146,8 @@ def main(argv=None) -> int:
                     print(f"{'':18s} first differences at new token {firsts}", flush=True)
                 results.append({"pair": pair, "dtype": name, "max_new_tokens": new, "prompts": len(prompts),
                                 "modes": figures})
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+                if args.json:  # after every pair and dtype: a long run stopped early keeps what it measured
+                    args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
