@@ -219,25 +219,24 @@ def step_costs(target, drafter, prompt: list[int], max_n: int, reps: int = 15) -
     token, h = torch.tensor([[prompt[-1]]], device=target.device), out.hidden_states[:, -1:]
     views = cache.views()
 
-    def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            sync(target.device)
-            t0 = time.perf_counter()
-            fn()
-            sync(target.device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     def verify(n):
         target(token.expand(1, n), cache)
         cache.rollback(n)
 
-    decode = timed(lambda: verify(1))
-    draft = timed(lambda: drafter.step(target, token, h, len(prompt), views).logits.argmax(-1))
-    verify_cost = {n: timed(lambda: verify(n + 1)) / decode for n in range(1, max_n + 1)}
+    runs = {"decode": lambda: verify(1),
+            "draft": lambda: drafter.step(target, token, h, len(prompt), views).logits.argmax(-1),
+            **{n: (lambda n=n: verify(n + 1)) for n in range(1, max_n + 1)}}
+    times = {name: [] for name in runs}
+    for rep in range(reps + 3):  # round robin: a busy spell on a shared machine slows every measurement alike
+        for name, fn in runs.items():
+            sync(target.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(target.device)
+            if rep >= 3:  # the first rounds warm up
+                times[name].append(time.perf_counter() - t0)
+    decode, draft = statistics.median(times["decode"]), statistics.median(times["draft"])
+    verify_cost = {n: statistics.median(times[n]) / decode for n in range(1, max_n + 1)}
     return {"target_decode_ms": decode * 1e3, "drafter_step_ms": draft * 1e3, "drafter_cost": draft / decode,
             "verify_cost": verify_cost}
 
