@@ -78,6 +78,17 @@ class Step:
     masks: dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class RingSnapshot:
+    """The sliding rings of a one-row cache at `length` (`KVCache.save_rings`)."""
+
+    length: int
+    k: dict[int, torch.Tensor]
+    v: dict[int, torch.Tensor]
+    slot_pos: torch.Tensor
+    floors: list[int]
+
+
 class KVCache:
     """K/V of every layer that owns K/V, for batch B, laid out per attention type as described above.
 
@@ -96,8 +107,12 @@ class KVCache:
         max_length: int = 256,
         max_rollback: int = 16,
         min_sliding_history: int = 0,
+        static: bool = False,
     ):
         self.config = config
+        # static: every forward sees buffers of one shape (full layers attend over all max_length positions,
+        # masked; writes go through index tensors), so a compiled forward never meets a new shape (no growing)
+        self.static = static
         self.window = config.sliding_window
         self.max_rollback = max_rollback
         self.history = max(self.window - 1, min_sliding_history)
@@ -117,6 +132,7 @@ class KVCache:
             shape = (batch_size, spec.num_kv_heads, slots, spec.head_dim)
             self._k[spec.index] = torch.zeros(shape, dtype=dtype, device=self.device)
             self._v[spec.index] = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._full_size = padded(max_length)
 
     @property
     def length(self) -> int:
@@ -139,14 +155,16 @@ class KVCache:
             )
         start = torch.tensor(starts, device=self.device)[:, None]  # [b, 1]
         positions = start + torch.arange(num_new, device=self.device)  # [b, S]
+        self._keys = self._full_size if self.static else padded(max(ends))
         self._grow(padded(max(ends)))
         masks: dict[str, torch.Tensor] = {}
         q = positions[:, :, None]  # [b, S, 1]
         if FULL in self.config.layer_types:  # keys [0, padded(end)): the padding (zeros or stale) is masked
-            self._keys = padded(max(ends))
             key_pos = torch.arange(self._keys, device=self.device)
             masks[FULL] = additive_mask(key_pos <= q, self.dtype)
-        self._uniform = len(set(starts)) == 1  # every row writes the same positions: plain slices
+        # every row writes the same positions: plain slices (not in a static cache: a slice's bounds would be
+        # constants of a compiled graph)
+        self._uniform = len(set(starts)) == 1 and not self.static
         if SLIDING in self.config.layer_types:
             # Ring path: the new tokens fit next to the W - 1 keys the first of them needs, so write, then attend
             # over the ring. Otherwise (long prefills) attend over [ring ; new] and write the tail afterwards.
@@ -235,6 +253,26 @@ class KVCache:
         self._floors = [self._floors[b] for b in rows]
         self.batch_size = len(rows)
 
+    def save_rings(self) -> RingSnapshot:
+        """A copy of the sliding rings (one row): with the full-attention buffers, which keep every position, they
+        are the cache's whole state at this length. A conversation keeps one to return further back than a
+        rollback can (speculative/session.py)."""
+        if self.batch_size != 1:
+            raise CacheError("save_rings keeps a one-row cache's rings")
+        rings = [i for i in self._k if self.config.layers[i].attention_type == SLIDING]
+        return RingSnapshot(self.length, {i: self._k[i].clone() for i in rings},
+                            {i: self._v[i].clone() for i in rings}, self._slot_pos.clone(), list(self._floors))
+
+    def restore_rings(self, snapshot: RingSnapshot) -> None:
+        """Return to a `save_rings` state. Valid while the positions below snapshot.length were not rewritten since
+        (a rollback to before them would have rewritten the full layers' copy)."""
+        for i in snapshot.k:
+            self._k[i].copy_(snapshot.k[i])
+            self._v[i].copy_(snapshot.v[i])
+        self._slot_pos.copy_(snapshot.slot_pos)
+        self._floors = list(snapshot.floors)
+        self.lengths = [snapshot.length]
+
     def views(self) -> dict[str, KVView]:
         """K/V of each attention type's exporting layer over each row's accepted positions, without copies."""
         lengths = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]
@@ -242,7 +280,7 @@ class KVCache:
         for attention_type, layer in self.config.export_layer.items():
             k, v = self._k[layer], self._v[layer]
             if attention_type == FULL:
-                n = max(self.lengths)
+                n = k.shape[2] if self.static else max(self.lengths)  # static: one shape for every round
                 index = torch.arange(n, device=self.device)
                 out[FULL] = KVView(k[:, :, :n], v[:, :, :n], torch.where(index < lengths, index, -1))
             else:
@@ -256,6 +294,8 @@ class KVCache:
         for layer, kb in self._k.items():
             if self.config.layers[layer].attention_type != FULL or kb.shape[2] >= needed:
                 continue
+            if self.static:
+                raise CacheError(f"a static cache holds {kb.shape[2]} positions; this step needs {needed}")
             size = max(needed, 2 * kb.shape[2])
             for store in (self._k, self._v):
                 old = store[layer]

@@ -85,18 +85,6 @@ class Turn:
                     messages_dropped=self.messages_dropped, interrupted=self.interrupted, stopped=self.stopped)
 
 
-@dataclass
-class _RingSnapshot:
-    """The sliding rings of a one-row cache at `length` (see the module docstring): with the full-attention
-    buffers, which keep every position, they are the cache's whole state at that length."""
-
-    length: int
-    k: dict[int, torch.Tensor]
-    v: dict[int, torch.Tensor]
-    slot_pos: torch.Tensor
-    floors: list[int]
-
-
 class Session:
     """A multi-turn conversation (see the module docstring). `tokenizer` and `template` (a chat template string,
     None for the built-in Gemma 4 turn format) are needed by `send`; `generate_ids` works on token ids alone.
@@ -194,7 +182,7 @@ class Session:
 
         def report(info):
             if not infos and cache.length == len(ids):  # the prefill's report: the cache holds exactly the prompt
-                self._snapshot = _save_rings(cache)
+                self._snapshot = cache.save_rings()
             infos.append(info)
             emitted.extend(info.emitted)
             if on_round is not None:
@@ -246,7 +234,7 @@ class Session:
             try:
                 if snapshot is None or snapshot.length < common or snapshot.length > cache.length:
                     raise CacheError("no ring snapshot at or after the common prefix")
-                _restore_rings(cache, snapshot)
+                cache.restore_rings(snapshot)
                 cache.rollback(snapshot.length - common)
             except CacheError:
                 back = len(self.tokens) - 1 - common
@@ -291,24 +279,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-# The ring snapshot reads the cache's ring buffers (KVCache keeps them private; these two functions are the only
-# place outside gemma4/cache.py that touches them, and tests/test_chat.py checks a restored cache token for token).
-def _save_rings(cache) -> _RingSnapshot:
-    rings = [i for i in cache._k if cache.config.layers[i].attention_type == SLIDING]
-    return _RingSnapshot(length=cache.length, k={i: cache._k[i].clone() for i in rings},
-                         v={i: cache._v[i].clone() for i in rings}, slot_pos=cache._slot_pos.clone(),
-                         floors=list(cache._floors))
-
-
-def _restore_rings(cache, snapshot: _RingSnapshot) -> None:
-    for i in snapshot.k:
-        cache._k[i].copy_(snapshot.k[i])
-        cache._v[i].copy_(snapshot.v[i])
-    cache._slot_pos.copy_(snapshot.slot_pos)
-    cache._floors = list(snapshot.floors)
-    cache.lengths = [snapshot.length]
 
 
 def split_thinking(text: str) -> tuple[str | None, str]:
