@@ -65,10 +65,20 @@ def set_row_invariant_float32(enabled: bool) -> None:
         _ONEDNN_DTYPES.discard(torch.float32)
 
 
-@functools.cache
+_ONEDNN_WORKS: dict[torch.dtype, bool] = {}  # probed once per dtype, outside any compiled graph
+
+
 def _onednn_inner_product(dtype: torch.dtype) -> bool:
     """Whether this torch build and CPU run a oneDNN inner product in `dtype` (the op exists only in builds with
-    oneDNN, and oneDNN refuses dtypes the CPU has no kernel for, e.g. float16 without AVX512-FP16)."""
+    oneDNN, and oneDNN refuses dtypes the CPU has no kernel for, e.g. float16 without AVX512-FP16). The answer is
+    kept in a plain dict, which torch.compile reads as a constant (it cannot trace the probe itself)."""
+    if dtype not in _ONEDNN_WORKS:
+        _ONEDNN_WORKS[dtype] = _probe_onednn(dtype)
+    return _ONEDNN_WORKS[dtype]
+
+
+@torch.compiler.disable
+def _probe_onednn(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -113,6 +123,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and _onednn_inner_product(x.dtype)):
         rows = x.reshape(tokens, inp)
+        if torch.compiler.is_compiling():  # the same kernel, opaque to inductor (see `row_invariant_linear`)
+            return row_invariant_linear(rows, weight, bias).view(*x.shape[:-1], out)
         if tokens == 1:
             rows = rows.expand(2, inp)  # [2, in]: the 2+ row kernel (a view; oneDNN reads it as it is)
         y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")  # [max(T, 2), out]
@@ -132,6 +144,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], out)
+
+
+@torch.library.custom_op("gemma4::row_invariant_linear", mutates_args=())
+def row_invariant_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear`'s oneDNN path as an operator torch.compile keeps as it is: rows [T, in] -> [T, out], one row run
+    as two copies. inductor would otherwise lower the oneDNN call as a product with a frozen weight (which it
+    refuses outside its freezing mode) or replace it with its own GEMM, whose rows are not invariant."""
+    one = rows.shape[0] == 1
+    y = torch.ops.mkldnn._linear_pointwise(rows.expand(2, -1) if one else rows, weight, bias, "none", [], "")
+    return y[:1].clone() if one else y
+
+
+@row_invariant_linear.register_fake
+def _(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[0])
 
 
 class Linear(nn.Linear):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, Step
 from .config import Gemma4Config, LayerSpec
 from .layers import MLP, Attention, Linear, RMSNorm, gelu_tanh, linear, rope_cos_sin
 from .moe import Experts, Router
@@ -126,7 +126,13 @@ class Gemma4Model(nn.Module):
         if cache is None:
             cache = KVCache(self.config, batch_size=B, dtype=self.dtype, device=self.device, max_length=S,
                             max_rollback=0)
-        step = cache.begin(S, rows)
+        return self.run_step(input_ids, cache.begin(S, rows), cache, keep)
+
+    def run_step(self, input_ids: torch.Tensor, step: Step, cache: KVCache, keep: int) -> ModelOutput:
+        """The forward itself, after the cache has reserved the positions (`step`): tensors in, tensors out, no
+        decision that depends on a tensor's value. This is what `torch.compile` compiles (speculative/compiled.py):
+        the cache's bookkeeping stays in Python, outside the graph."""
+        S = input_ids.shape[1]
         masks = step.masks
         x = self.embed(input_ids)  # [B, S, H]
         ple = self.per_layer_inputs(input_ids, x) if self.config.uses_ple else None  # [B, S, L, P]
@@ -168,7 +174,8 @@ class Gemma4Model(nn.Module):
         return logits.div_(cap).tanh_().mul_(cap)  # in place: the logits are fresh and V wide
 
     def new_cache(self, *, batch_size: int = 1, max_length: int = 256, max_rollback: int = 16,
-                  min_sliding_history: int = 0) -> KVCache:
+                  min_sliding_history: int = 0, static: bool = False) -> KVCache:
         """An empty cache on this model's device and dtype."""
         return KVCache(self.config, batch_size=batch_size, dtype=self.dtype, device=self.device,
-                       max_length=max_length, max_rollback=max_rollback, min_sliding_history=min_sliding_history)
+                       max_length=max_length, max_rollback=max_rollback, min_sliding_history=min_sliding_history,
+                       static=static)

@@ -21,9 +21,14 @@ Sections, one function each:
             a verify forward over 5 tokens, ours and transformers, bfloat16 and (where memory allows) float32.
             Needs ~10 GB of temporary disk and ~11 GB of free memory (transformers in bf16; ours in fp32 ~10 GB;
             transformers in fp32 would need ~28 GB and runs only if that much is available).
+- training: kept from BENCHMARKS.md as it is (a drafter trained by scripts/train_drafter.py; measured by that script,
+            which takes half an hour, so this one never reruns it).
 - batch:    batched decoding (speculative.generate_batch) at batch sizes 1, 2, 4, 8: tokens/s of the bundled pair,
             speculative and target-only, the speed-up of speculation per batch size, the finished-row policy and
             the batch's draft-length rule; on an E2B-shaped model (bfloat16) decode and verify cost per batch size.
+- compiled: generate(..., compile=True) against the eager loop and transformers' assisted generation on the bundled
+            pair (greedy, after the warm-up; its compile seconds reported), and a compiled decode step and 5-token
+            verify on an E2B-shaped model next to eager and transformers (on CUDA too when a GPU is present).
 Timing hygiene: a fixed torch thread count, warm-up runs, medians, torch.inference_mode(); float32 on CPU.
 Random checkpoints are written tensor by tensor into a temporary folder and deleted afterwards.
 """
@@ -58,7 +63,8 @@ from weights import load_drafter, load_target, load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 S, F = "sliding_attention", "full_attention"
-SECTIONS = ("forward", "spec", "tradeoff", "memory", "cuda", "e2b", "batch")
+SECTIONS = ("forward", "spec", "tradeoff", "memory", "cuda", "e2b", "training", "batch", "compiled")
+MEASURED_ELSEWHERE = {"training"}  # written from scripts/train_drafter.py's report: kept as it is in BENCHMARKS.md
 CPU_DTYPE = torch.float32
 
 
@@ -851,6 +857,116 @@ def plot_batch(tps: dict, path: Path) -> list[str]:
     return ["", f"![tokens/s and speed-up vs batch size]({os.path.relpath(path, ROOT)})"]
 
 
+# ---- the compiled path ------------------------------------------------------------------------------------------
+def section_compiled(args, q: dict) -> list[str]:
+    from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+    target, drafter = load_pair(args.models)
+    n = args.draft_tokens or drafter.generation_config.get("num_assistant_tokens", 6)
+    prompts = held_out_prompts(args.models, q["prompts"], q["prompt_tokens"])
+    start = time.perf_counter()
+    first = generate(target, drafter, prompts[0], max_new_tokens=q["new_tokens"], num_draft_tokens=n, compile=True)
+    cold = time.perf_counter() - start
+    again = generate(target, drafter, prompts[1], max_new_tokens=q["new_tokens"], schedule="heuristic",
+                     compile=True)
+    hf_target = Gemma4ForCausalLM.from_pretrained(args.models / "target", dtype=CPU_DTYPE).eval()
+    hf_drafter = Gemma4AssistantForCausalLM.from_pretrained(args.models / "drafter", dtype=CPU_DTYPE).eval()
+    hf_drafter.generation_config.num_assistant_tokens = n
+    hf_drafter.generation_config.num_assistant_tokens_schedule = "constant"
+
+    def ours(ids, compiled):
+        res = generate(target, drafter, ids, max_new_tokens=q["new_tokens"], num_draft_tokens=n, compile=compiled)
+        return res.tokens, res.stats.compile_seconds
+
+    @torch.inference_mode()
+    def theirs(ids):
+        out = hf_target.generate(torch.tensor([ids]), assistant_model=hf_drafter, max_new_tokens=q["new_tokens"],
+                                 do_sample=False)
+        return out[0, len(ids):].tolist(), 0.0
+
+    runs = {"ours, eager": lambda ids: ours(ids, False), "ours, compiled": lambda ids: ours(ids, True),
+            "transformers (assisted generation)": theirs}
+    walls = {(name, i): [] for name in runs for i in range(len(prompts))}
+    tokens = {}
+    for _ in range(q["repeats"]):  # interleaved, so background load hits every implementation alike
+        for i, ids in enumerate(prompts):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                tokens[name, i], compiling = fn(ids)
+                walls[name, i].append(time.perf_counter() - t0 - compiling)
+    tps = {name: sum(len(tokens[name, i]) for i in range(len(prompts)))
+           / sum(statistics.median(walls[name, i]) for i in range(len(prompts))) for name in runs}
+    equal = sum(tokens["ours, compiled", i] == tokens["ours, eager", i] for i in range(len(prompts)))
+    lines = [f"Bundled pair, {len(prompts)} held-out prompts of {q['prompt_tokens']} tokens, up to {q['new_tokens']} "
+             f"new tokens, greedy, N = {n}, float32, {torch.get_num_threads()} threads; tokens/s = new tokens / wall "
+             f"time of the generate call (prefill included, the compiled path's warm-up excluded), median of "
+             f"{q['repeats']} interleaved runs.", "",
+             "| implementation | tokens/s | vs eager | vs transformers |", "|---|---|---|---|"]
+    lines += [f"| {name} | {v:.1f} | {v / tps['ours, eager']:.2f}x | "
+              f"{v / tps['transformers (assisted generation)']:.2f}x |" for name, v in tps.items()]
+    lines += ["", f"Compiled tokens equal eager tokens on {equal}/{len(prompts)} prompts. Warm-up: the first "
+              f"compiled generation in this process compiled for {first.stats.compile_seconds:.0f} s ({cold:.0f} s "
+              f"for the whole call; inductor's on-disk cache at {os.environ.get('TORCHINDUCTOR_CACHE_DIR')} may "
+              f"already have held kernels from an earlier run), a later one with the heuristic schedule (other "
+              f"draft lengths) {again.stats.compile_seconds:.1f} s."]
+    lines += ["", *compiled_e2b_costs(args, q, "cpu")]
+    if torch.cuda.is_available():
+        lines += ["", *compiled_e2b_costs(args, q, "cuda")]
+    ratio = tps["ours, compiled"] / tps["ours, eager"]
+    versus = tps["ours, compiled"] / tps["transformers (assisted generation)"]
+    lines += ["", f"**Reading:** compiled speculative decoding runs at {ratio:.2f}x the eager loop (target >= 2x: "
+              + ("met" if ratio >= 2 else "missed") + f") and {versus:.2f}x transformers' assisted generation "
+              "(target >= 3x: " + ("met" if versus >= 3 else "missed") + ")."]
+    return lines
+
+
+@torch.inference_mode()
+def compiled_e2b_costs(args, q: dict, device: str) -> list[str]:
+    """Median ms of a one-token decode and a 5-token verify on an E2B-shaped model (bfloat16): eager, compiled
+    (`speculative.compiled`'s target step, after its warm-up) and transformers."""
+    from speculative.compiled import CompiledSteps
+
+    layers = 5 if args.quick or device == "cpu" else 35
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
+        folder = Path(tmp) / "e2b"
+        write_random_checkpoint(folder, e2b_config(layers, 0 if layers == 5 else 20))
+        ours = load_target(folder, dtype=torch.bfloat16, device=device)
+        compiled = CompiledSteps(ours, None)
+        hf = load_impl("transformers", folder, torch.bfloat16, device)
+        context = q["e2b"]["context"]
+        ids = torch.randint(3, 262144, (1, context + 5), generator=torch.Generator().manual_seed(0)).to(device)
+        caches = {"eager": ours.new_cache(max_length=context + 8, max_rollback=8),
+                  "compiled": ours.new_cache(max_length=context + 8, max_rollback=8, static=True)}
+        for cache in caches.values():
+            ours(ids[:, :context], cache, logits_to_keep=1)
+        hf_cache = hf.new_cache(context + 8, True)
+        hf.forward(ids[:, :context], hf_cache, 1)
+        forwards = {"eager": lambda x, c: ours(x, c), "compiled": compiled.forward}
+
+        def step(name: str, k: int) -> None:
+            if name == "transformers":
+                hf.forward(ids[:, context:context + k], hf_cache, None)
+                hf.rollback(hf_cache, k)
+            else:
+                forwards[name](ids[:, context:context + k], caches[name])
+                caches[name].rollback(k)
+
+        t0 = time.perf_counter()
+        step("compiled", 1), step("compiled", 5)  # the warm-up: compiles both shapes
+        warm = time.perf_counter() - t0
+        names = ("eager", "compiled", "transformers")
+        fns = {(name, k): functools.partial(step, name, k) for name in names for k in (1, 5)}
+        times = round_robin(fns, q["e2b"]["verify_reps"], 1, device)
+        ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+        del ours, hf, compiled
+    lines = [f"E2B-shaped model on {device} ({layers} layers, bfloat16, random weights, {context}-token context), "
+             f"median ms (compiling both shapes took {warm:.0f} s):", "",
+             "| implementation | decode (1 token) | verify (5 tokens) | verify / decode |", "|---|---|---|---|"]
+    lines += [f"| {name} | {ms[name, 1]:.1f} | {ms[name, 5]:.1f} | {ms[name, 5] / ms[name, 1]:.2f} |"
+              for name in names]
+    return lines
+
+
 KEPT = "Kept from an earlier run (not rerun by `--only"
 
 
@@ -932,9 +1048,12 @@ def main(argv=None) -> int:
               "memory": "4. Loading memory (full-size E2B-shaped checkpoint, bfloat16)",
               "cuda": "5. GPU (CUDA, bfloat16, full E2B geometry)",
               "e2b": "6. The real E2B text geometry on CPU: loading, decode and verify, ours vs transformers",
-              "batch": "7. Batched decoding: tokens/s per batch size, speculative and target-only"}
+              "training": "7. Training a drafter for a new domain (bundled tiny pair, `scripts/train_drafter.py`)",
+              "batch": "8. Batched decoding: tokens/s per batch size, speculative and target-only",
+              "compiled": "9. The compiled path (torch.compile), ours eager vs compiled vs transformers"}
     functions = {"forward": section_forward, "spec": section_spec, "tradeoff": section_tradeoff,
-                 "memory": section_memory, "cuda": section_cuda, "e2b": section_e2b, "batch": section_batch}
+                 "memory": section_memory, "cuda": section_cuda, "e2b": section_e2b, "batch": section_batch,
+                 "compiled": section_compiled}
     command = "python scripts/benchmark.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     models = args.models.relative_to(ROOT) if args.models.is_relative_to(ROOT) else args.models
     doc = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
@@ -942,7 +1061,9 @@ def main(argv=None) -> int:
     previous = previous_sections(args.out)
     for name in SECTIONS:
         doc += [f"## {titles[name]}", ""]
-        if name not in only and titles[name] in previous:
+        if name in MEASURED_ELSEWHERE:
+            doc += previous.get(titles[name], ["not measured yet: see README.md, Training a drafter"])
+        elif name not in only and titles[name] in previous:
             doc += [f"{KEPT} {args.only}`; the machine and versions above are this run's).", "",
                     *previous[titles[name]]]
         elif name in only:

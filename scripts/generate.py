@@ -67,6 +67,11 @@ CHAT_HELP = (
     "a conversation: one user message per line of stdin (a >>> prompt at a terminal), answered with the KV cache kept "
     "across turns; /reset, /stats, /exit; Ctrl-C stops an answer, Ctrl-D exits"
 )
+COMPILE_HELP = (
+    "run the decode, verify and draft steps through torch.compile: the same tokens, faster per step, after a "
+    "warm-up that compiles them (minutes on a small CPU the first time; the kernels are cached on disk, so later "
+    "runs start faster); prefill stays eager"
+)
 THREADS_HELP = (
     "CPU threads for torch (default: one per core that no other process is keeping busy when the run starts; "
     "threads beyond the free cores wait on each other and run several times slower)"
@@ -114,6 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--show-drafts", action="store_true", help=SHOW_DRAFTS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout (with "
                    "--chat: one JSON line per turn)")
@@ -144,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--no-draft cannot be combined with --compare or --drafter")
     if args.prompts_file is not None and (args.compare or args.show_drafts):
         p.error("--prompts-file cannot be combined with --compare or --show-drafts (one JSON line per prompt)")
+    if args.compile and args.chat:
+        p.error("--compile is not available with --chat (a conversation's cache grows turn by turn)")
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
@@ -475,7 +483,8 @@ def run_once(target, drafter, ids, args, options, tokenizer, quiet):
     printer = Printer(tokenizer, args.show_drafts and drafter is not None, quiet)
     try:
         result = generate(target, drafter, ids, max_new_tokens=args.max_new_tokens,
-                          num_draft_tokens=args.num_draft_tokens, schedule=args.schedule, on_round=printer, **options)
+                          num_draft_tokens=args.num_draft_tokens, schedule=args.schedule, on_round=printer,
+                          compile=args.compile, **options)
     except KeyboardInterrupt:
         printer.finish()
         raise Interrupted(printer) from None
@@ -498,9 +507,10 @@ def report_interrupted(printer: "Printer", args) -> int:
 
 def summary(label: str, stats) -> str:
     speed = f"{stats.tokens_per_second:.1f} tokens/s" if stats.decode_tokens else "no decode step to time"
+    compiled = f", compiling {stats.compile_seconds:.1f} s before decoding" if stats.compile_seconds else ""
     return (f"{label}: {stats.decode_tokens + 1} tokens, {len(stats.rounds)} rounds, "
             f"acceptance {100 * stats.acceptance_rate:.1f}%, {stats.mean_tokens_per_pass:.2f} tokens/target pass, "
-            f"{speed} (prefill {stats.prefill_tokens_per_second:.0f} tokens/s)")
+            f"{speed} (prefill {stats.prefill_tokens_per_second:.0f} tokens/s{compiled})")
 
 
 def main(argv=None) -> int:
@@ -526,6 +536,11 @@ def run(args) -> int:
     check_cli_options(args, dict(options, max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
                                  schedule=args.schedule),
                       source=shown(Path(target.checkpoint_dir) / "generation_config.json"))
+    if args.compile:
+        from speculative.compiled import cache_dir
+
+        log(f"--compile: the first decode, verify and draft steps compile before the answer starts (minutes on a "
+            f"small CPU; kernels are cached in {cache_dir()}, so later runs start faster)")
     if args.entries is not None:
         return run_file(args, target, drafter, tokenizer, options)
     if args.chat:
@@ -571,7 +586,8 @@ def run_file(args, target, drafter, tokenizer, options) -> int:
         chunk = batches[first:first + args.batch_size]
         try:
             results = generate_batch(target, drafter, chunk, max_new_tokens=args.max_new_tokens,
-                                     num_draft_tokens=args.num_draft_tokens, schedule=args.schedule, **options)
+                                     num_draft_tokens=args.num_draft_tokens, schedule=args.schedule,
+                                     compile=args.compile, **options)
         except ValueError as e:
             raise UserError(f"{args.prompts_file}, prompts {first + 1}-{first + len(chunk)}: {e}") from None
         for i, result in enumerate(results, start=first):

@@ -38,6 +38,7 @@ from gemma4.cache import SLIDING_SLACK, KVCache, sliding_capacity
 from gemma4.layers import KEY_BLOCK
 
 from . import sampling
+from .compiled import compiled_steps, mark_static
 from .options import check_drafter, check_options, first_num_draft_tokens, prompt_ids, stop_tokens
 from .sampling import Sampler, accept_greedy, accept_sampled
 from .schedule import MAX_DRAFT_TOKENS, max_num_draft_tokens, next_num_draft_tokens
@@ -51,7 +52,7 @@ DRAFT_LENGTHS = ("max", "min")
 def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_tokens: int | None = None,
              schedule: str = "constant", temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop_token_ids=None,
-             on_round=None, cache=None) -> GenerationResult:
+             on_round=None, cache=None, compile: bool = False) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` (list[int], [S] or [1, S]) with `target`, drafting
     with `drafter` (None: target-only decoding). Greedy when temperature == 0, else lossless speculative sampling
     from the target's temperature / top-k / top-p distribution, reproducible with `seed`. `on_round(RoundInfo)` is
@@ -61,12 +62,16 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
     `length` positions hold the K/V of the first `length` tokens of `input_ids` (the caller keeps track of which
     tokens those are, and rolls the cache back to the common prefix first). Only the rest of `input_ids` is
     prefilled (`stats.prompt_tokens_reused` counts the others); on return the cache holds exactly input_ids + the
-    new tokens but the last."""
+    new tokens but the last.
+
+    `compile=True` runs the decode, verify and draft steps through torch.compile (speculative/compiled.py): the
+    same tokens, faster after a warm-up that compiles each step's shape once per process (minutes on a small CPU;
+    `stats.compile_seconds`), with a static cache."""
     prompt = prompt_ids(input_ids, target.config.vocab_size)
     report = None if on_round is None else (lambda row, info: on_round(info))
     return _generate(target, drafter, [prompt], max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
                      schedule=schedule, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     stop_token_ids=stop_token_ids, on_round=report, cache=cache)[0]
+                     stop_token_ids=stop_token_ids, on_round=report, cache=cache, compile=compile)[0]
 
 
 def new_session_cache(target, drafter=None) -> KVCache:
@@ -81,13 +86,15 @@ def new_session_cache(target, drafter=None) -> KVCache:
 def generate_batch(target, drafter, prompts, *, max_new_tokens: int, num_draft_tokens: int | None = None,
                    schedule: str = "constant", temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None, seed: int | None = None, stop_token_ids=None,
-                   finished: str = "drop", draft_length: str = "max", on_round=None) -> list[GenerationResult]:
+                   finished: str = "drop", draft_length: str = "max", on_round=None,
+                   compile: bool = False) -> list[GenerationResult]:
     """`generate` for several prompts at once: `prompts` is a list of token-id lists (or [S] tensors) of any
     lengths. Returns one GenerationResult per prompt, in order, each with its own tokens and statistics (its
     rounds, acceptance, target passes; `decode_seconds` runs until that row finished). Every row's greedy output is
     its single-prompt output. Under sampling each row is an independent lossless sample; one `seed` reproduces the
     whole batch. `finished` and `draft_length`: see the module docstring. `on_round(index, RoundInfo)` reports
-    each row's rounds."""
+    each row's rounds. `compile=True`: as in `generate`; finished rows are then kept (frozen), so that the batch
+    keeps one shape."""
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     ids = []
@@ -102,7 +109,8 @@ def generate_batch(target, drafter, prompts, *, max_new_tokens: int, num_draft_t
         raise ValueError(f"draft_length must be one of {list(DRAFT_LENGTHS)}, got {draft_length!r}")
     return _generate(target, drafter, ids, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
                      schedule=schedule, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     stop_token_ids=stop_token_ids, finished=finished, draft_length=draft_length, on_round=on_round)
+                     stop_token_ids=stop_token_ids, finished="keep" if compile else finished,
+                     draft_length=draft_length, on_round=on_round, compile=compile)
 
 
 @dataclass
@@ -119,7 +127,7 @@ class _Row:
 
 def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_draft_tokens, schedule, temperature,
               top_k, top_p, seed, stop_token_ids, finished="drop", draft_length="max",
-              on_round=None, cache=None) -> list[GenerationResult]:
+              on_round=None, cache=None, compile=False) -> list[GenerationResult]:
     config = target.config
     longest = max(len(p) for p in prompts)
     check_options(prompt_len=longest, max_positions=config.max_position_embeddings,
@@ -139,9 +147,15 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
     reused, continued = [0] * len(prompts), cache is not None
     if not continued:
         cache = target.new_cache(batch_size=len(prompts), max_length=longest + max_new_tokens + k_max,
-                                 max_rollback=k_max + 1, min_sliding_history=history)
+                                 max_rollback=k_max + 1, min_sliding_history=history, static=compile)
+    elif compile and not cache.static:
+        raise ValueError("compile=True cannot continue a cache: the compiled steps need a static one, made for "
+                         "one generation")
     else:
         reused = [check_continued_cache(cache, target, len(prompts[0]), k_max, history)]
+    steps = Steps(target, drafter, compile)
+    if compile and target.device.type == "cuda":
+        mark_static(cache)
     generator = new_generator(target.device, seed)
     rows = [_Row(b, len(p), k0, stats=GenerationStats(prompt_tokens=len(p), prompt_tokens_reused=r))
             for b, (p, r) in enumerate(zip(prompts, reused))]
@@ -160,6 +174,10 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
         row.stats.target_forward_passes += 1
         row.done = first in stops or max_new_tokens == 1
         _report(on_round, row.index, RoundInfo(drafted=[], accepted=0, bonus=first, emitted=[first]))
+    if compile:  # compile every shape the loop will run before timing it (see speculative/compiled.py)
+        warm_up(steps, target, drafter, cache, token, h, k_max, sampler, generator)
+        for row in rows:
+            row.stats.compile_seconds = watch.lap()
     decode = Stopwatch(target.device)
     active = rows  # the cache's rows, in order
     if finished == "drop":
@@ -172,8 +190,8 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
         k = (max if draft_length == "max" else min)(w for w, ok in zip(wants, live) if ok)
         k = min([k] + [config.max_position_embeddings - 1 - length for length in cache.lengths])
         caps = [min(w, k) if draft_length == "max" else k * ok for w, ok in zip(wants, live)]
-        drafts, q = draft(drafter, target, token, h, cache, k, sampler, generator)  # [B, k], [B, k, V]
-        logits, hidden = verify(target, cache, token, drafts)  # [B, k+1, V], [B, k+1, H]
+        drafts, q = draft(steps.drafter, target, token, h, cache, k, sampler, generator)  # [B, k], [B, k, V]
+        logits, hidden = verify(steps.target, cache, token, drafts)  # [B, k+1, V], [B, k+1, H]
         cap = torch.tensor(caps, device=target.device)
         n, bonus = accept(sampler, logits, drafts, q, cap, generator)  # [B], [B]
         finite = torch.isfinite(logits).flatten(1).all(dim=1)  # [B]
@@ -225,6 +243,38 @@ def check_continued_cache(cache, target, prompt_len: int, k_max: int, history: i
         raise ValueError(f"cache holds {cache.length} positions but input_ids has {prompt_len} tokens: roll it back "
                          "to a prefix shorter than input_ids first")
     return cache.length
+
+
+class Steps:
+    """What the loop calls to run the target over new tokens (`target(ids, cache)`) and a drafter step
+    (`drafter.context`, `drafter.step`): the models themselves, or their compiled forwards."""
+
+    def __init__(self, target, drafter, compile: bool):
+        self.target, self.drafter = target, drafter
+        if compile:
+            compiled = compiled_steps(target, drafter)
+            self.target = compiled.forward
+            if drafter is not None:
+                self.drafter = _CompiledDrafter(drafter, compiled)
+
+
+class _CompiledDrafter:
+    def __init__(self, drafter, compiled):
+        self.context, self.step = drafter.context, compiled.step
+
+
+def warm_up(steps: Steps, target, drafter, cache, token, h, k_max: int, sampler, generator) -> None:
+    """Run each compiled shape once and forget it: a decode step, a verify pass (one graph serves every k) and a
+    drafter step, so that compiling happens here and not inside the timed loop."""
+    B = token.shape[0]
+    steps.target(token, cache)
+    cache.rollback(1)
+    if k_max > 0:
+        steps.target(token.expand(B, 2), cache)
+        cache.rollback(2)
+        steps.target(token.expand(B, k_max + 1), cache)
+        cache.rollback(k_max + 1)
+        draft(steps.drafter, target, token, h, cache, 1, sampler, torch.Generator(target.device).manual_seed(0))
 
 
 def drop_finished(cache, active: list[_Row], token, h):
@@ -289,8 +339,9 @@ def draft(drafter, target, token, h, cache, k: int, sampler: Sampler, generator)
 
 
 def verify(target, cache, token, drafts) -> tuple[torch.Tensor, torch.Tensor]:
-    """ONE target forward over [token, d_1..d_k] of every row, row b at positions L_b-1..L_b-1+k. Returns logits
-    [B, k+1, V] (row j scores the token after d_j) and post-norm hidden states [B, k+1, H]."""
+    """ONE target forward over [token, d_1..d_k] of every row, row b at positions L_b-1..L_b-1+k (`target`: the
+    model or its compiled forward). Returns logits [B, k+1, V] (row j scores the token after d_j) and post-norm
+    hidden states [B, k+1, H]."""
     result = target(torch.cat([token, drafts], dim=1), cache)  # [B, k+1]
     return result.logits, result.hidden_states
 

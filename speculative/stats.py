@@ -38,6 +38,7 @@ class GenerationStats:
     prompt_tokens_reused: int = 0  # prompt tokens whose K/V a continued cache already held (not prefilled again)
     decode_tokens: int = 0
     prefill_seconds: float = 0.0
+    compile_seconds: float = 0.0  # generate(..., compile=True): compiling the steps' shapes, before decoding
     decode_seconds: float = 0.0
 
     @property

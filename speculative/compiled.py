@@ -1,0 +1,84 @@
+"""The compiled fast path: the same model code, run through `torch.compile`, for `generate(..., compile=True)`.
+
+A small model's decode step is bound by the number of PyTorch ops it launches (about 1,700 per forward of the
+bundled target), not by arithmetic; inductor fuses them into a few dozen kernels. Nothing here is a second model:
+`Gemma4Model.run_step` and `Drafter.forward` are compiled as they are, because they were written to be
+compile-friendly (tensors in, tensors out, no branch on a tensor's value). What makes shapes fixed lives in the
+cache: a static cache (`KVCache(static=True)`) has one buffer shape for the whole generation (full layers attend
+over all `max_length` positions, masked) and writes through index tensors, and the Python bookkeeping (lengths,
+masks, rollbacks) runs outside the graph, in `KVCache.begin`.
+
+What is compiled, per model pair (kept on the target, so later generations reuse it):
+- the target's forward over the tokens of a decode step (1 per row) or a verify pass (k + 1 per row), one
+  `torch.compile(dynamic=True)`: dynamo specialises the 1-token case and keeps the verify length symbolic, so a
+  heuristic schedule's changing k compiles nothing new;
+- the drafter's forward (one token per row, a fixed shape).
+Prefill stays eager: it runs once per prompt, at a length no later call repeats. `fullgraph=True` turns any graph
+break into an error, so a change that breaks compilation fails loudly (tests/test_compiled.py counts recompiles).
+On CUDA, `mode="reduce-overhead"` adds CUDA graphs (the cache's buffers are marked as static addresses so the
+graphs write into them in place).
+
+The first call of each shape compiles (minutes on a 2-core CPU for the bundled pair); `generate` runs those calls
+before its timed decode loop and reports them as `stats.compile_seconds`. inductor keeps compiled kernels on disk
+(`TORCHINDUCTOR_CACHE_DIR`, by default under ~/.cache), so a second process starts much faster.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# Kernels compiled by inductor survive the process here unless the user chose another place.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gemma4-torchinductor"))
+
+
+def cache_dir() -> str:
+    """Where inductor keeps compiled kernels between processes."""
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+class CompiledSteps:
+    """Compiled target and drafter forwards behind the calls the loop makes: `forward(ids, cache)` (the target over
+    new tokens of every row) and `step(...)` (Drafter.step)."""
+
+    def __init__(self, target, drafter):
+        mode = "reduce-overhead" if target.device.type == "cuda" else None
+        self.target = target
+
+        def target_step(input_ids, step, cache, keep):  # its own function: dynamo caches graphs per function
+            return target.run_step(input_ids, step, cache, keep)
+
+        self._target = torch.compile(target_step, fullgraph=True, dynamic=True, mode=mode)
+        self._drafter = None
+        if drafter is not None:
+            def drafter_step(inputs_embeds, position, views, context):
+                return drafter(inputs_embeds, position, views, context)
+
+            self._drafter = torch.compile(drafter_step, fullgraph=True, dynamic=False, mode=mode)
+
+    def forward(self, input_ids: torch.Tensor, cache):
+        """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static)."""
+        S = input_ids.shape[1]
+        return self._target(input_ids, cache.begin(S), cache, S)
+
+    def step(self, target, token, hidden, position, views, context=None):
+        """Drafter.step, compiled: the embedding of the last token and the hidden state in, one draft step out."""
+        return self._drafter(torch.cat([target.embed(token), hidden], dim=-1), position, views, context)
+
+
+def compiled_steps(target, drafter) -> CompiledSteps:
+    """The CompiledSteps of this (target, drafter) pair, made once and kept on the target."""
+    cache = target.__dict__.setdefault("_compiled_steps", {})
+    key = id(drafter)
+    if key not in cache or cache[key][0] is not drafter:
+        cache[key] = (drafter, CompiledSteps(target, drafter))
+    return cache[key][1]
+
+
+def mark_static(cache) -> None:
+    """CUDA graphs replay fixed memory addresses: the static cache's buffers are such addresses."""
+    for store in (cache._k, cache._v):
+        for buffer in store.values():
+            torch._dynamo.mark_static_address(buffer)

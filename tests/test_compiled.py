@@ -1,0 +1,109 @@
+"""generate(..., compile=True) (speculative/compiled.py): the same tokens as the eager path, and nothing compiled
+after the warm-up.
+
+Oracle: the eager loop with the same options (greedy: the same tokens; sampling with a seed: the same tokens, as
+both draw the same random numbers). Compiling costs minutes on a 2-core CPU, so the default run compiles one small
+pair once per session (its graphs are shared by the tests below) and `python -m pytest -m compile` runs the whole
+matrix: every tiny family pair and the bundled pair, both schedules, sampling, a batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from gemma4 import layers
+from speculative import generate, generate_batch
+from tests import tiny
+from weights import load_drafter, load_target
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def row_invariant_float32():
+    layers.set_row_invariant_float32(True)
+    yield
+    layers.set_row_invariant_float32(False)
+
+
+@functools.cache
+def small_pair(family: str = "31b"):
+    """A family pair with 2 target layers (one sliding, one full), biased so that drafts are often accepted."""
+    overrides = {} if family != "31b" else dict(num_hidden_layers=2, layer_types=["sliding_attention",
+                                                                                  "full_attention"])
+    target = tiny.build_target(family, seed=0, **overrides)
+    drafter = tiny.build_drafter(tiny.PAIRS[family], seed=1)
+    tiny.bias_vocab(target, drafter, [10, 11, 12], amount=0.3)
+    folder = Path(__import__("tempfile").mkdtemp(prefix=f"compiled-{family}-"))
+    tiny.save(target, folder / "target", eos_token_id=())
+    tiny.save(drafter, folder / "drafter", eos_token_id=())
+    ours = load_target(folder / "target")
+    return ours, load_drafter(folder / "drafter", target=ours)
+
+
+def prompt(length: int, seed: int = 0) -> list[int]:
+    return torch.randint(2, 512, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def compare(target, drafter, ids, **options):
+    eager = generate(target, drafter, ids, stop_token_ids=[], **options)
+    seen = []  # graphs compiled when each round was reported: none may be added after the warm-up
+    compiled = generate(target, drafter, ids, stop_token_ids=[], compile=True,
+                        on_round=lambda info: seen.append(graphs()), **options)
+    assert compiled.tokens == eager.tokens, options
+    assert len(set(seen[1:])) <= 1 and (not seen[1:] or seen[-1] == graphs()), "compiled during the decode loop"
+    return eager, compiled
+
+
+def test_compiled_greedy_equals_eager_for_both_schedules_without_recompiling():
+    target, drafter = small_pair()
+    ids = prompt(30)
+    _, first = compare(target, drafter, ids, max_new_tokens=24, num_draft_tokens=3)
+    before = graphs()
+    eager, again = compare(target, drafter, prompt(45, seed=1), max_new_tokens=30, schedule="heuristic")
+    assert graphs() == before, "a second generation, with other draft lengths, compiled nothing new"
+    assert again.stats.rounds == eager.stats.rounds and len({k for k, _ in again.stats.rounds}) > 2
+    assert first.stats.compile_seconds > again.stats.compile_seconds
+
+
+def test_compiled_sampling_with_a_seed_equals_eager():
+    target, drafter = small_pair()
+    compare(target, drafter, prompt(20, seed=2), max_new_tokens=20, num_draft_tokens=3, temperature=0.9, top_k=40,
+            seed=11)
+
+
+def test_compiled_target_only_equals_eager():
+    target, _ = small_pair()
+    compare(target, None, prompt(33, seed=3), max_new_tokens=12)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("family", ["e2b", "e4b", "31b", "moe", "bundled"])
+def test_every_family_compiled_equals_eager(family):
+    if family == "bundled":
+        target = load_target(ROOT / "tiny_gemma4" / "target")
+        drafter = load_drafter(ROOT / "tiny_gemma4" / "drafter", target=target)
+    else:
+        target, drafter = small_pair(family)
+    for options in ({"num_draft_tokens": 4}, {"schedule": "heuristic"},
+                    {"num_draft_tokens": 2, "temperature": 1.0, "seed": 3}):
+        compare(target, drafter, prompt(40, seed=4), max_new_tokens=32, **options)
+
+
+@pytest.mark.compile
+def test_a_compiled_batch_equals_eager():
+    target, drafter = small_pair()
+    batch = [prompt(n, seed=n) for n in (7, 30, 12)]
+    eager = generate_batch(target, drafter, batch, max_new_tokens=16, schedule="heuristic", stop_token_ids=[])
+    compiled = generate_batch(target, drafter, batch, max_new_tokens=16, schedule="heuristic", stop_token_ids=[],
+                              compile=True)
+    assert [r.tokens for r in compiled] == [r.tokens for r in eager]
