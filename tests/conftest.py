@@ -45,3 +45,16 @@ def target_pair(checkpoint):
         return Gemma4ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval(), load_target(folder)
 
     return make
+
+
+@pytest.fixture
+def row_invariant_float32():
+    """Float32 products through oneDNN's row-invariant path for one test (gemma4.layers.set_row_invariant_float32):
+    comparisons of runs that compute a position with different row counts (verify vs decode, a batch vs one
+    prompt, a chat suffix vs a whole prefill) are then exact in float32 too. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("row_invariant_float32")`."""
+    from gemma4 import layers
+
+    layers.set_row_invariant_float32(True)
+    yield
+    layers.set_row_invariant_float32(False)

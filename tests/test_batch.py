@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import speculative.sampling as sampling
-from gemma4 import FULL, SLIDING, layers
+from gemma4 import FULL
 from speculative import generate, generate_batch
 from speculative.sampling import accept_sampled
 from tests import tiny
@@ -31,11 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 GOOD_P, BROKEN_P = 1e-3, 1e-6
 
 
-@pytest.fixture(autouse=True)
-def row_invariant_float32():
-    layers.set_row_invariant_float32(True)
-    yield
-    layers.set_row_invariant_float32(False)
+pytestmark = pytest.mark.usefixtures("row_invariant_float32")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import torch
 
 import speculative.loop
 from drafter import Drafter, DrafterConfig
-from gemma4 import Gemma4Config, Gemma4Model, layers
+from gemma4 import Gemma4Config, Gemma4Model
 from speculative import ContextLimitError, Session, generate
 from speculative.session import split_thinking
 from tests import tiny
@@ -48,11 +48,7 @@ REWRITING = ("{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m.role 
              "{% if add_generation_prompt %}<|turn>model\n<|channel>thought\n<channel|>{% endif %}")
 
 
-@pytest.fixture(autouse=True)
-def row_invariant_float32():
-    layers.set_row_invariant_float32(True)
-    yield
-    layers.set_row_invariant_float32(False)
+pytestmark = pytest.mark.usefixtures("row_invariant_float32")  # tests/conftest.py
 
 
 class CharTokenizer:

@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from gemma4 import layers
 from speculative import generate, generate_batch
 from tests import tiny
 from weights import load_drafter, load_target
@@ -24,11 +23,7 @@ from weights import load_drafter, load_target
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def row_invariant_float32():
-    layers.set_row_invariant_float32(True)
-    yield
-    layers.set_row_invariant_float32(False)
+pytestmark = pytest.mark.usefixtures("row_invariant_float32")  # tests/conftest.py
 
 
 @functools.cache
