@@ -45,6 +45,9 @@ class CompiledSteps:
 
     def __init__(self, target, drafter):
         mode = "reduce-overhead" if target.device.type == "cuda" else None
+        # Every model's graphs hang on the same two functions below (dynamo caches per code object, and guards on
+        # the model): a process that compiles several models must not hit dynamo's default limit of 8 entries.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.target = target
 
         def target_step(input_ids, step, cache, keep):  # its own function: dynamo caches graphs per function
