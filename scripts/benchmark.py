@@ -906,7 +906,7 @@ def section_compiled(args, q: dict) -> list[str]:
               f"{v / tps['transformers (assisted generation)']:.2f}x |" for name, v in tps.items()]
     lines += ["", f"Compiled tokens equal eager tokens on {equal}/{len(prompts)} prompts. Warm-up: the first "
               f"compiled generation in this process compiled for {first.stats.compile_seconds:.0f} s ({cold:.0f} s "
-              f"for the whole call; inductor's on-disk cache at {os.environ.get('TORCHINDUCTOR_CACHE_DIR')} may "
+              f"for the whole call; inductor's on-disk cache may "
               f"already have held kernels from an earlier run), a later one with the heuristic schedule (other "
               f"draft lengths) {again.stats.compile_seconds:.1f} s."]
     lines += ["", *compiled_e2b_costs(args, q, "cpu")]

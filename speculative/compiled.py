@@ -20,23 +20,21 @@ graphs write into them in place).
 
 The first call of each shape compiles (minutes on a 2-core CPU for the bundled pair); `generate` runs those calls
 before its timed decode loop and reports them as `stats.compile_seconds`. inductor keeps compiled kernels on disk
-(`TORCHINDUCTOR_CACHE_DIR`, by default under ~/.cache), so a second process starts much faster.
+(`cache_dir()`: torch's default /tmp/torchinductor_<user>, or $TORCHINDUCTOR_CACHE_DIR), so a second process
+starts much faster.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
-
-# Kernels compiled by inductor survive the process here unless the user chose another place.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gemma4-torchinductor"))
 
 
 def cache_dir() -> str:
-    """Where inductor keeps compiled kernels between processes."""
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    """Where inductor keeps compiled kernels between processes (set TORCHINDUCTOR_CACHE_DIR before starting
+    Python to choose another place, e.g. one that survives a reboot)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    return inductor_cache_dir()
 
 
 class CompiledSteps:

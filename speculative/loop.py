@@ -264,16 +264,15 @@ class _CompiledDrafter:
 
 
 def warm_up(steps: Steps, target, drafter, cache, token, h, k_max: int, sampler, generator) -> None:
-    """Run each compiled shape once and forget it: a decode step, a verify pass (one graph serves every k) and a
-    drafter step, so that compiling happens here and not inside the timed loop."""
+    """Run every shape the loop can meet once and forget it: a decode step, a verify pass of each length 2..k_max+1
+    and a drafter step, so that compiling happens here and not inside the timed loop. The verify length is symbolic
+    in the compiled graph, so most lengths reuse a graph (a forward each); a new graph comes only where the code
+    takes another path by length (`linear`'s float32 row blocks stop at 16 rows, for example)."""
     B = token.shape[0]
-    steps.target(token, cache)
-    cache.rollback(1)
+    for S in range(1, k_max + 2):
+        steps.target(token.expand(B, S), cache)
+        cache.rollback(S)
     if k_max > 0:
-        steps.target(token.expand(B, 2), cache)
-        cache.rollback(2)
-        steps.target(token.expand(B, k_max + 1), cache)
-        cache.rollback(k_max + 1)
         draft(steps.drafter, target, token, h, cache, 1, sampler, torch.Generator(target.device).manual_seed(0))
 
 

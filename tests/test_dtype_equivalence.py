@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gemma4 import FULL, layers
+from gemma4 import FULL
 from gemma4.cache import SLIDING_SLACK, padded, sliding_capacity
 from gemma4.layers import KEY_BLOCK, _attend_rows, additive_mask
 from speculative import generate
@@ -31,11 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FAMILIES = ("e2b", "e4b", "31b", "moe")
 
 
-@pytest.fixture(autouse=True)
-def row_invariant_float32():
-    layers.set_row_invariant_float32(True)
-    yield
-    layers.set_row_invariant_float32(False)
+pytestmark = pytest.mark.usefixtures("row_invariant_float32")  # tests/conftest.py
 
 
 @pytest.fixture(scope="session")
