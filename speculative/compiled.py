@@ -20,7 +20,7 @@ graphs write into them in place).
 
 The first call of each shape compiles (minutes on a 2-core CPU for the bundled pair); `generate` runs those calls
 before its timed decode loop and reports them as `stats.compile_seconds`. inductor keeps compiled kernels on disk
-(`cache_dir()`: torch's default /tmp/torchinductor_<user>, or $TORCHINDUCTOR_CACHE_DIR), so a second process
+(`cache_dir()`: torch's default folder in the temporary directory, or $TORCHINDUCTOR_CACHE_DIR), so a second process
 starts much faster.
 """
 
