@@ -173,11 +173,12 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
         row.out.append(first)
         row.stats.target_forward_passes += 1
         row.done = first in stops or max_new_tokens == 1
-        _report(on_round, row.index, RoundInfo(drafted=[], accepted=0, bonus=first, emitted=[first]))
-    if compile:  # compile every shape the loop will run before timing it (see speculative/compiled.py)
+    if compile and not all(row.done for row in rows):  # compile every shape the loop runs before timing it
         warm_up(steps, target, drafter, cache, token, h, k_max, sampler, generator)
         for row in rows:
             row.stats.compile_seconds = watch.lap()
+    for row in rows:
+        _report(on_round, row.index, RoundInfo(drafted=[], accepted=0, bonus=row.out[0], emitted=list(row.out)))
     decode = Stopwatch(target.device)
     active = rows  # the cache's rows, in order
     if finished == "drop":
@@ -269,8 +270,8 @@ def warm_up(steps: Steps, target, drafter, cache, token, h, k_max: int, sampler,
     in the compiled graph, so most lengths reuse a graph (a forward each); a new graph comes only where the code
     takes another path by length (`linear`'s float32 row blocks stop at 16 rows, for example)."""
     B = token.shape[0]
-    for S in range(1, k_max + 2):
-        steps.target(token.expand(B, S), cache)
+    for S in range(1, k_max + 2):  # contiguous ids, as the loop's: a stride is part of a graph's guards
+        steps.target(token.expand(B, S).contiguous(), cache)
         cache.rollback(S)
     if k_max > 0:
         draft(steps.drafter, target, token, h, cache, 1, sampler, torch.Generator(target.device).manual_seed(0))
