@@ -44,10 +44,26 @@ class Experts(nn.Module):
         """x: [T, H]; weights, experts: [T, k]. Each token's output is the weighted sum of its experts' MLPs.
         Experts are visited in ascending id and accumulated with index_add_, which keeps fp32 sums bit-equal to
         transformers. The loop visits only experts some token chose (one host sync for the list)."""
+        if torch.compiler.is_compiling():
+            return self.dense(x, weights, experts)
         out = torch.zeros_like(x)
         for e in experts.unique().tolist():
             token, slot = torch.where(experts == e)
             gate, up = linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
             y = linear(gelu_tanh(gate) * up, self.down_proj[e])  # [n, H]
             out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out
+
+    def dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """`forward` without data-dependent shapes, for torch.compile: every expert runs on every token, weighted by
+        0 where the token did not choose it. The sums are the loop's, in the same order (an unchosen expert adds an
+        exact zero), and the products are row-invariant, so the result is the same. It reads every expert's
+        weights for every step, which suits small models, not a 26B-A4B (128 experts, 8 chosen)."""
+        chosen = torch.zeros(x.shape[0], self.gate_up_proj.shape[0], dtype=weights.dtype, device=x.device)
+        chosen.scatter_(1, experts, weights)  # [T, E]: each token's weight for each expert, 0 if not chosen
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up_proj.shape[0]):
+            gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = linear(gelu_tanh(gate) * up, self.down_proj[e])  # [T, H]
+            out += (y * chosen[:, e, None]).to(out.dtype)
         return out
