@@ -273,6 +273,10 @@ class KVCache:
         self._floors = list(snapshot.floors)
         self.lengths = [snapshot.length]
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Every K/V buffer, for code that must know their memory (CUDA graphs replay fixed addresses)."""
+        return [*self._k.values(), *self._v.values()]
+
     def views(self) -> dict[str, KVView]:
         """K/V of each attention type's exporting layer over each row's accepted positions, without copies."""
         lengths = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]

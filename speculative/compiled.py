@@ -46,7 +46,6 @@ class CompiledSteps:
         # Every model's graphs hang on the same two functions below (dynamo caches per code object, and guards on
         # the model): a process that compiles several models must not hit dynamo's default limit of 8 entries.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.target = target
 
         def target_step(input_ids, step, cache, keep):  # its own function: dynamo caches graphs per function
             return target.run_step(input_ids, step, cache, keep)
@@ -80,6 +79,5 @@ def compiled_steps(target, drafter) -> CompiledSteps:
 
 def mark_static(cache) -> None:
     """CUDA graphs replay fixed memory addresses: the static cache's buffers are such addresses."""
-    for store in (cache._k, cache._v):
-        for buffer in store.values():
-            torch._dynamo.mark_static_address(buffer)
+    for buffer in cache.buffers():
+        torch._dynamo.mark_static_address(buffer)

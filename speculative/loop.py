@@ -174,7 +174,7 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
         row.stats.target_forward_passes += 1
         row.done = first in stops or max_new_tokens == 1
     if compile and not all(row.done for row in rows):  # compile every shape the loop runs before timing it
-        warm_up(steps, target, drafter, cache, token, h, k_max, sampler, generator)
+        warm_up(steps, target, cache, token, h, k_max, sampler)
         for row in rows:
             row.stats.compile_seconds = watch.lap()
     for row in rows:
@@ -264,7 +264,7 @@ class _CompiledDrafter:
         self.context, self.step = drafter.context, compiled.step
 
 
-def warm_up(steps: Steps, target, drafter, cache, token, h, k_max: int, sampler, generator) -> None:
+def warm_up(steps: Steps, target, cache, token, h, k_max: int, sampler) -> None:
     """Run every shape the loop can meet once and forget it: a decode step, a verify pass of each length 2..k_max+1
     and a drafter step, so that compiling happens here and not inside the timed loop. The verify length is symbolic
     in the compiled graph, so most lengths reuse a graph (a forward each); a new graph comes only where the code

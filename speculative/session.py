@@ -36,8 +36,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from gemma4 import SLIDING
 from gemma4.cache import CacheError, sliding_capacity
 from gemma4.layers import KEY_BLOCK

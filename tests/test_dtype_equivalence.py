@@ -141,6 +141,16 @@ def test_bundled_pair_greedy_speculative_equals_target_only(dtype, options, pair
 
 
 # ---- one position: a row of a verify pass equals a one-token decode -------------------------------------------
+def _decoded_one_by_one(target, prompt_len: int, block: torch.Tensor, max_length: int):
+    """After the same prefill of `prompt_len` positions in two caches: the logits of `block` [1, k] decoded one
+    token at a time in the first, and the second cache, ready for a verify pass over the same positions."""
+    prompt = torch.tensor([_prompt(prompt_len, 3)])
+    k = block.shape[1]
+    one, many = target.new_cache(max_length=max_length), target.new_cache(max_length=max_length, max_rollback=k)
+    target(prompt, one), target(prompt, many)
+    return torch.cat([target(block[:, i : i + 1], one).logits for i in range(k)], dim=1), many
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_verify_rows_equal_one_token_decodes_bit_for_bit(family, dtype, pair):
@@ -148,12 +158,9 @@ def test_verify_rows_equal_one_token_decodes_bit_for_bit(family, dtype, pair):
     at 256, wrapping the ring) give, row for row, the logits of nine one-token decode steps: bit for bit. Then
     a rollback, and a 4-row pass over the same positions with other drafts: again bit for bit."""
     target, _ = pair(family, dtype)
-    prompt = torch.tensor([_prompt(250, 3)])
     block = torch.tensor([_prompt(9, 4)])
     with torch.inference_mode():
-        one, many = target.new_cache(max_length=300), target.new_cache(max_length=300, max_rollback=9)
-        target(prompt, one), target(prompt, many)
-        decoded = torch.cat([target(block[:, i : i + 1], one).logits for i in range(9)], dim=1)  # [1, 9, V]
+        decoded, many = _decoded_one_by_one(target, 250, block, max_length=300)  # [1, 9, V]
         verified = target(block, many).logits
         assert torch.equal(verified, decoded)
         many.rollback(7)  # keep 2 of the 9
@@ -169,12 +176,9 @@ def test_bundled_bfloat16_verify_passes_up_to_33_rows_equal_one_token_decodes_bi
     (row 7 of the 8-row pass differed). Float32 and float16 rows: the tiny families' test above."""
     dtype = "bfloat16"
     target, _ = pair("bundled", dtype)
-    prompt = torch.tensor([_prompt(230, 3)])
     block = torch.tensor([_prompt(33, 4)])
     with torch.inference_mode():
-        one, many = target.new_cache(max_length=270), target.new_cache(max_length=270, max_rollback=33)
-        target(prompt, one), target(prompt, many)
-        decoded = torch.cat([target(block[:, i : i + 1], one).logits for i in range(33)], dim=1)  # [1, 33, V]
+        decoded, many = _decoded_one_by_one(target, 230, block, max_length=270)  # [1, 33, V]
         for rows in (2, 8, 17, 33):
             verified = target(block[:, :rows], many).logits
             many.rollback(rows)
