@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from gemma4 import FULL, KVView, RMSNorm
-from gemma4.layers import Linear, additive_mask, linear, rope_cos_sin
+from gemma4.kernels import additive_mask, linear
+from gemma4.layers import Linear, rope_cos_sin
 from gemma4.model import DecoderLayer
 
 from .config import DrafterConfig

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import FULL, SLIDING, Gemma4Config
-from .layers import KEY_BLOCK, additive_mask
+from .kernels import KEY_BLOCK, additive_mask
 
 # Ring slots beyond the W - 1 positions a target query reads: room for a drafter's longer history (the released
 # drafters read W + 1 positions: 2 more) plus a rollback of up to MAX_DRAFT_TOKENS + 1 = 33 positions

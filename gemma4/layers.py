@@ -1,7 +1,9 @@
 """The building blocks of a Gemma 4 decoder layer: RMSNorm, rotary embeddings, attention, the gated MLP.
 
 Each is written to reproduce transformers' arithmetic step for step (docs/gemma4.md), because the tests compare logits
-to 1e-4 and the drafter reads K/V produced by this code.
+to 1e-4 and the drafter reads K/V produced by this code. This file is the model's math; how a product, an attention
+or an activation is computed on a device (and the row invariance that keeps speculative decoding exact) lives in
+`kernels.py`.
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import Gemma4Config, LayerSpec, RopeParams
+from .kernels import attend, gelu_tanh, linear
 
 
 @functools.cache
@@ -44,147 +46,11 @@ class RMSNorm(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-# CPU products with at most this many tokens and a weight of at least this many elements run as row blocks.
-_FEW_TOKENS = 16
-_BLOCKED_WEIGHT = 1 << 14  # 64 KB in float32; below it F.linear is as fast and one op fewer
-_ROW_BLOCKS = 8
-# CPU inference products in these dtypes run as oneDNN's inner product, the same kernel for every row count and
-# weight size: see `linear`.
-_ONEDNN_DTYPES = {torch.bfloat16}
-
-
-def set_row_invariant_float32(enabled: bool) -> None:
-    """Run float32 CPU inference products through the row-invariant oneDNN path too (off by default).
-    Measured on a 2-core EPYC, 1 thread: decode 1.7x slower on an E2B-shaped model (oneDNN's 2-row float32 kernel
-    reads the weight at about half the speed of the row-block path) and 2.2x slower on the bundled tiny target
-    (~20 us more per call), verification over 5 tokens 1.8x faster. Without it a float32 row can differ in its
-    last bits between a one-token decode and a verify pass of 2+ (F.linear) or 4+ (row blocks) tokens."""
-    if enabled:
-        _ONEDNN_DTYPES.add(torch.float32)
-    else:
-        _ONEDNN_DTYPES.discard(torch.float32)
-
-
-_ONEDNN_WORKS: dict[torch.dtype, bool] = {}  # probed once per dtype, outside any compiled graph
-
-
-def _onednn_inner_product(dtype: torch.dtype) -> bool:
-    """Whether this torch build and CPU run a oneDNN inner product in `dtype` (the op exists only in builds with
-    oneDNN, and oneDNN refuses dtypes the CPU has no kernel for, e.g. float16 without AVX512-FP16). The answer is
-    kept in a plain dict, which torch.compile reads as a constant (it cannot trace the probe itself)."""
-    if dtype not in _ONEDNN_WORKS:
-        _ONEDNN_WORKS[dtype] = _probe_onednn(dtype)
-    return _ONEDNN_WORKS[dtype]
-
-
-@torch.compiler.disable
-def _probe_onednn(dtype: torch.dtype) -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        with torch.inference_mode():
-            torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=dtype), torch.ones(8, 8, dtype=dtype), None,
-                                               "none", [], "")
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-    return True
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           contiguous: bool = True) -> torch.Tensor:
-    """x @ weight^T (+ bias), x: [..., in], weight: [out, in]. Same products on every path, summed in another
-    order: equal within float rounding.
-
-    Row invariance. Greedy speculative decoding gives exactly the target-only output only if a position's logits
-    do not depend on how many positions are computed with it: a verify pass computes k + 1 rows at once where
-    decoding computes one, a batch computes B (k + 1), a chat turn re-processes a suffix its history prefilled.
-    BLAS kernels do not promise that: MKL's float32 GEMM sums a column differently for 1-3, 4, 5-7... columns, and
-    the bfloat16 GEMM behind F.linear differs between 1 and 2+ rows, and on small weights between other counts. On
-    CPU in bfloat16, every inference product therefore runs as oneDNN's inner product, which (measured on every
-    Gemma 4 E2B and tiny-model shape, 2 to 300 rows, 1 and 2 threads) gives a row the same bits for any count of 2+
-    rows and any row index; a single row is computed as two copies of itself, so that it takes the same 2+ row
-    kernel (tests/test_layers.py checks this bit for bit). It costs nothing: within 15% of F.linear either way from
-    1 to 2048 rows on E2B's MLP shapes, and ~15 us more on a 1-row product with a tiny weight (2 threads).
-    Float16 runs the paths below, row-invariant as they are (measured). Float32 takes the oneDNN path only after
-    `set_row_invariant_float32(True)`, as it slows float32 decoding down (see there).
-
-    Row blocks (float16, float32 by default, no oneDNN). A product of a few tokens is bound
-    by reading the weight, which in a generation loop is never in cache. BLAS runs a one-token product as a
-    matrix-vector product on one thread, so the weight is cut into 8 blocks of rows and multiplied as a batch,
-    [8, out/8, in] @ [in, T], which torch spreads over all threads. The column operand is x^T with strides
-    (0, 1, in), the layout BLAS runs fastest.
-    `contiguous=False` may return a transposed view of the [T, out] result instead of copying it (the output head:
-    a copy of [T, 262144] logits costs ~4 ms)."""
-    tokens = x.numel() // x.shape[-1]
-    out, inp = weight.shape
-    if x.device.type != "cpu" or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    if (x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and _onednn_inner_product(x.dtype)):
-        rows = x.reshape(tokens, inp)
-        if torch.compiler.is_compiling():  # the same kernel, opaque to inductor (see `row_invariant_linear`)
-            return row_invariant_linear(rows, weight, bias).view(*x.shape[:-1], out)
-        if tokens == 1:
-            rows = rows.expand(2, inp)  # [2, in]: the 2+ row kernel (a view; oneDNN reads it as it is)
-        y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")  # [max(T, 2), out]
-        return (y[:1] if tokens == 1 else y).view(*x.shape[:-1], out)
-    if tokens > _FEW_TOKENS or weight.numel() < _BLOCKED_WEIGHT or out % _ROW_BLOCKS:
-        return F.linear(x, weight, bias)
-    x = x.contiguous()
-    blocks = weight.view(_ROW_BLOCKS, out // _ROW_BLOCKS, inp)  # [8, out/8, in]
-    columns = x.as_strided((_ROW_BLOCKS, inp, tokens), (0, 1, inp))  # [8, in, T]: x^T for every block, no copy
-    y = torch.bmm(blocks, columns)  # [8, out/8, T]
-    if tokens == 1:
-        y = y.view(1, out)
-    else:
-        y = y.view(out, tokens).t()  # [T, out]
-        if contiguous:
-            y = y.contiguous()
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], out)
-
-
-@torch.library.custom_op("gemma4::row_invariant_linear", mutates_args=())
-def row_invariant_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`linear`'s oneDNN path as an operator torch.compile keeps as it is: rows [T, in] -> [T, out], one row run
-    as two copies. inductor would otherwise lower the oneDNN call as a product with a frozen weight (which it
-    refuses outside its freezing mode) or replace it with its own GEMM, whose rows are not invariant."""
-    one = rows.shape[0] == 1
-    y = torch.ops.mkldnn._linear_pointwise(rows.expand(2, -1) if one else rows, weight, bias, "none", [], "")
-    return y[:1].clone() if one else y
-
-
-@row_invariant_linear.register_fake
-def _(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return rows.new_empty(rows.shape[0], weight.shape[0])
-
-
 class Linear(nn.Linear):
     """nn.Linear through `linear` (the fast path for decode and verification)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-
-# Elements per chunk of torch's vectorised elementwise loop (2 vectors of 512 bits in bfloat16; a multiple of every
-# CPU's chunk): the elements after the last whole chunk take a scalar loop.
-_VECTOR_CHUNK = 64
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU, tanh approximation. torch's vectorised kernel and its scalar loop for a tensor's last elements differ
-    in the last bit (measured: 8% of float32 values), and which elements are last depends on how many rows the
-    tensor has; so a tensor that does not fill whole chunks is padded, and every element takes the vector kernel
-    (a 1-row decode and a 9-row verify then give a row the same bits). A non-contiguous one (the MoE's gate half)
-    is copied first: torch runs the loop per contiguous row, with a tail in every row. Real Gemma 4 widths fill
-    whole chunks."""
-    n = x.numel()
-    if n % _VECTOR_CHUNK == 0 and x.is_contiguous():
-        return F.gelu(x, approximate="tanh")
-    flat = torch.cat([x.reshape(-1), x.new_zeros(_VECTOR_CHUNK - n % _VECTOR_CHUNK)])
-    return F.gelu(flat, approximate="tanh")[:n].view(x.shape)
 
 
 @functools.cache
@@ -218,86 +84,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], i.e. roll(x, d/2) * [-sin1, sin2]. Rounded as
     transformers rounds (no fused multiply-add): in half precision a last-bit difference can flip a MoE routing."""
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
-
-
-def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[..., S, T] bool (True: may attend) -> the additive mask, 0 or -inf, of the same shape. Built once per forward:
-    SDPA takes a float mask as it is, while a bool one it converts in every layer."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
-
-
-# Attention over at most this many query rows (decode, drafting, verification) runs as `_attend_rows`, whose result
-# for a row does not depend on the other rows; longer ones (prefills, training) run as SDPA.
-INVARIANT_QUERY_ROWS = 64
-# Full-attention layers read their keys in blocks of this many positions (the cache pads their length to a multiple).
-KEY_BLOCK = 256
-# MKL's float32 GEMM computes a row with one kernel for 1-3 rows and another for 4+: every product has 4+ rows.
-_MIN_ROWS = 4
-# Half-precision attention with K/V rows narrower than this (n_kv * head_dim; tiny models) runs in float32: oneDNN's
-# half-precision products cost ~4x float32's on such small matrices (measured: 280 vs 75 us a call, bundled pair).
-_HALF_MIN_WIDTH = 256
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T + mask) v with scale 1.0 (q_norm and k_norm take the place of 1/sqrt(d)).
-    q: [B, nH, S, d]; k, v: [B, n_kv, T, d], query head h reads kv head h // (nH / n_kv); mask: additive
-    (`additive_mask`) [B, S, T] (one per row), [1, S, T] or [S, T] (shared by every row), or None (every key
-    visible).
-
-    On CPU, up to `INVARIANT_QUERY_ROWS` query rows take `_attend_rows`: greedy speculative decoding is exact only
-    if a position's attention gives the same bits in a one-token decode and in a row of a verify pass, and SDPA's
-    CPU kernel gives neither (its products and sums change with the number of rows and of keys)."""
-    if mask is not None and mask.dim() == 2:
-        mask = mask[None]
-    if q.device.type == "cpu" and q.shape[2] <= INVARIANT_QUERY_ROWS:
-        return _attend_rows(q, k, v, mask)
-    mask = mask[:, None] if mask is not None else None  # [B, 1, S, T]: the same for every head
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`attend` with a result for each query row that depends only on that row, on the keys it can see and on T.
-
-    - Rows: the g = nH / n_kv query heads of a KV head and the S positions form the rows of one product per KV
-      head, [g*S, d] @ [d, T], padded with zero queries to at least `_MIN_ROWS` rows; the products used (MKL in
-      float32, oneDNN in half precision) give a row the same bits for any count of 4+ rows and any row index
-      (tests/test_dtype_equivalence.py checks this where it runs).
-    - Keys: when T is a multiple of `KEY_BLOCK` (full layers: the cache pads T so), the keys are cut into blocks
-      of KEY_BLOCK; the exp-sums and the products with V are taken per block and the blocks summed one after the
-      other (cumsum: a sequential scan). A block a row cannot see adds exact zeros, so a row gives the same bits
-      with T = 256 in a decode step and T = 512 in a verify pass that crosses a block boundary. The max over the
-      keys is exact in any order. Sliding layers read their whole ring (T fixed by the config) as one block.
-    Scores are computed in the model's dtype and rounded to it, as transformers' eager attention does (float32
-    for K/V narrower than `_HALF_MIN_WIDTH`: a choice made by shape, not by T, the same for every call of a layer);
-    the softmax statistics are float32."""
-    B, nH, S, d = q.shape
-    n_kv, T = k.shape[1], k.shape[2]
-    dtype = q.dtype
-    if mask is not None and mask.dim() == 2:
-        mask = mask[None]  # [1, S, T]: shared by every row
-    if dtype != torch.float32 and n_kv * d < _HALF_MIN_WIDTH:
-        q, k, v = q.float(), k.float(), v.float()
-    g = nH // n_kv
-    rows = max(S, -(-_MIN_ROWS // g))  # queries per head after padding
-    if rows > S:
-        q = torch.cat([q, q.new_zeros(B, nH, rows - S, d)], dim=2)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], rows - S, T)], dim=1)
-    block = KEY_BLOCK if T > KEY_BLOCK and T % KEY_BLOCK == 0 else T
-    nb = T // block
-    s = torch.matmul(q.reshape(B, n_kv, 1, g * rows, d), k.unflatten(2, (nb, block)).transpose(-1, -2))
-    s = s.view(B, n_kv, nb, g, rows, block).float()  # [B, n_kv, nb, g, rows, block]
-    if mask is not None:
-        s = s + mask.view(-1, 1, rows, nb, block).permute(0, 1, 3, 2, 4)[:, :, :, None]  # [B', 1, nb, 1, rows, block]
-    e = (s - s.amax(dim=(2, 5), keepdim=True)).exp_()
-    total = e.sum(-1)  # [B, n_kv, nb, g, rows]
-    o = torch.matmul(e.view(B, n_kv, nb, g * rows, block).to(v.dtype), v.unflatten(2, (nb, block)))
-    if nb > 1:  # blocks summed in order; a single block needs no sum (x + 0 == x)
-        total, o = total.cumsum(2)[:, :, -1], o.float().cumsum(2)[:, :, -1]
-    else:
-        total, o = total[:, :, 0], o[:, :, 0].float()
-    out = o.view(B, n_kv, g, rows, d) / total[..., None]  # [B, n_kv, g, rows, d]
-    return out[:, :, :, :S].reshape(B, nH, S, d).to(dtype)
 
 
 class Attention(nn.Module):

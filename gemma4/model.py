@@ -16,7 +16,8 @@ from torch import nn
 
 from .cache import KVCache, Step
 from .config import Gemma4Config, LayerSpec
-from .layers import MLP, Attention, Linear, RMSNorm, gelu_tanh, linear, rope_cos_sin
+from .kernels import gelu_tanh, linear
+from .layers import MLP, Attention, Linear, RMSNorm, rope_cos_sin
 from .moe import Experts, Router
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .config import Gemma4Config
-from .layers import Linear, RMSNorm, gelu_tanh, linear
+from .kernels import gelu_tanh, linear
+from .layers import Linear, RMSNorm
 
 
 class Router(nn.Module):

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""The CPU product `gemma4.layers.linear` before and after its oneDNN path, and a cut-down E2B's decode and verify.
+"""The CPU product `gemma4.kernels.linear` before and after its oneDNN path, and a cut-down E2B's decode and verify.
 
     python scripts/bench_linear.py                 # products + model, 1 and 2 threads (about 3-4 minutes)
     python scripts/bench_linear.py --only products --threads 2
     python scripts/bench_linear.py --only model --profile   # + where a bf16 decode step spends its time
 
 "before" is the row-block `linear` this script carries a copy of (the code before the oneDNN path); "after" is
-`gemma4.layers.linear`. Every product reads a weight that is not in cache, as in a generation loop (each forward
+`gemma4.kernels.linear`. Every product reads a weight that is not in cache, as in a generation loop (each forward
 reads every layer once, more than the L3 holds): each call takes the next weight of a pool of copies larger than
 the L3. Before and after take turns call by call, so that a slow spell of a shared machine hits both alike; the
 tables give medians. The model section builds an E2B-shaped model (E2B's layer geometry and vocabulary, 5 layers,
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import gemma4.kernels  # noqa: E402
 import gemma4.layers  # noqa: E402
 import gemma4.model  # noqa: E402
 import gemma4.moe  # noqa: E402
@@ -41,7 +42,7 @@ POOL_BYTES = 96 << 20  # the weights one timing cycles through: 3x this machine'
 
 
 def linear_before(x, weight, bias=None, *, contiguous=True):
-    """`gemma4.layers.linear` as it was before the oneDNN path (a copy, the baseline): a CPU product of up to 16
+    """`gemma4.kernels.linear` as it was before the oneDNN path (a copy, the baseline): a CPU product of up to 16
     tokens with a weight of 64K elements or more runs as a batch of 8 row blocks, [8, out/8, in] @ [in, T]."""
     tokens = x.numel() // x.shape[-1]
     out, inp = weight.shape
@@ -63,7 +64,7 @@ def linear_before(x, weight, bias=None, *, contiguous=True):
     return y.view(*x.shape[:-1], out)
 
 
-IMPLS = {"before": linear_before, "after": gemma4.layers.linear}
+IMPLS = {"before": linear_before, "after": gemma4.kernels.linear}
 
 
 def use_linear(fn) -> None:

@@ -269,9 +269,9 @@ def forward_markdown(res: dict, q: dict) -> tuple[list[str], float]:
 def product_cost(q: dict) -> dict:
     """What bounds verification: median ms of one product with the E2B geometry's largest layer weight (the
     double-wide MLP of a KV-shared layer, 12288 x 1536 float32, 75 MB: more than the L3 holds, so it is read from
-    memory every time) for 1, 4 and 5 rows through `gemma4.layers.linear`; next to it what the machine can do: the
+    memory every time) for 1, 4 and 5 rows through `gemma4.kernels.linear`; next to it what the machine can do: the
     GB/s of a sum over 256 MB (reading memory) and the GFLOP/s of a 1024^3 product (BLAS at its best)."""
-    from gemma4.layers import linear
+    from gemma4.kernels import linear
 
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(12288, 1536, generator=gen)
@@ -289,7 +289,7 @@ def product_markdown(p: dict) -> list[str]:
     ms, gf = p["ms"], p["gflops"]
     return ["", f"One product with the E2B geometry's largest layer weight (the double-wide MLP of a KV-shared layer, "
             f"12288 x 1536 float32, {p['weight_gb'] * 1e3:.0f} MB, read from memory every time), through "
-            "`gemma4.layers.linear`:", "",
+            "`gemma4.kernels.linear`:", "",
             "| rows | ms | ratio to 1 row | weight read at (GB/s) | GFLOP/s |", "|---|---|---|---|---|"] + [
             f"| {t} | {ms[t]:.2f} | {ms[t] / ms[1]:.2f}x | {p['weight_gb'] / ms[t] * 1e3:.1f} | {gf[t]:.1f} |"
             for t in ms] + ["", f"On the same threads a sum over 256 MB reads memory at {p['read_gbs']:.1f} GB/s and "

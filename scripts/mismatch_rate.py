@@ -105,17 +105,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--row-invariant-float32", action="store_true",
-                        help="float32 products through gemma4.layers.set_row_invariant_float32(True)")
+                        help="float32 products through gemma4.kernels.set_row_invariant_float32(True)")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the figures to this file (rewritten after every pair and dtype)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.row_invariant_float32:
-        from gemma4 import layers
+        from gemma4 import kernels
 
-        if not hasattr(layers, "set_row_invariant_float32"):
-            parser.error("this checkout's gemma4.layers has no set_row_invariant_float32")
-        layers.set_row_invariant_float32(True)
+        kernels.set_row_invariant_float32(True)
     modes = [f"N={n}" for n in args.draft_lengths.split(",")] + ["heuristic"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:

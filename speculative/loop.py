@@ -35,7 +35,7 @@ import torch
 
 from gemma4 import SLIDING
 from gemma4.cache import SLIDING_SLACK, KVCache, sliding_capacity
-from gemma4.layers import KEY_BLOCK
+from gemma4.kernels import KEY_BLOCK
 
 from . import sampling
 from .compiled import compiled_steps, mark_static

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from gemma4 import SLIDING
 from gemma4.cache import CacheError, sliding_capacity
-from gemma4.layers import KEY_BLOCK
+from gemma4.kernels import KEY_BLOCK
 from weights.chat_template import render_chat
 
 from .loop import generate

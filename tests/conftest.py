@@ -49,12 +49,12 @@ def target_pair(checkpoint):
 
 @pytest.fixture
 def row_invariant_float32():
-    """Float32 products through oneDNN's row-invariant path for one test (gemma4.layers.set_row_invariant_float32):
+    """Float32 products through oneDNN's row-invariant path for one test (gemma4.kernels.set_row_invariant_float32):
     comparisons of runs that compute a position with different row counts (verify vs decode, a batch vs one
     prompt, a chat suffix vs a whole prefill) are then exact in float32 too. Modules opt in with
     `pytestmark = pytest.mark.usefixtures("row_invariant_float32")`."""
-    from gemma4 import layers
+    from gemma4 import kernels
 
-    layers.set_row_invariant_float32(True)
+    kernels.set_row_invariant_float32(True)
     yield
-    layers.set_row_invariant_float32(False)
+    kernels.set_row_invariant_float32(False)

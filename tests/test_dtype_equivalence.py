@@ -7,7 +7,7 @@ position, and a float64 attention. Pairs: the bundled tiny pair and every tiny f
 that drafts are accepted part of the time (verify passes then use many row counts and rollbacks).
 
 Float32 runs with `set_row_invariant_float32(True)`: by default `linear` keeps MKL's faster float32 kernels, whose
-rows depend on the row count (gemma4/layers.py), and float32 exactness is opt-in.
+rows depend on the row count (gemma4/kernels.py), and float32 exactness is opt-in.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from gemma4 import FULL
 from gemma4.cache import SLIDING_SLACK, padded, sliding_capacity
-from gemma4.layers import KEY_BLOCK, _attend_rows, additive_mask
+from gemma4.kernels import KEY_BLOCK, _attend_rows, additive_mask
 from speculative import generate
 from tests import tiny
 from weights import load_drafter, load_target
@@ -251,7 +251,7 @@ def test_gelu_gives_a_row_the_same_bits_whatever_the_row_count(dtype):
     """Width 8 (the tiny models' per-layer inputs): a lone row is all scalar tail in torch's elementwise loop, the
     same row among 9 is vectorised; gelu_tanh pads so that both take the vector kernel, and copies a non-contiguous
     input first. Oracle: the 1-row result."""
-    from gemma4.layers import gelu_tanh
+    from gemma4.kernels import gelu_tanh
 
     x = (torch.randn(4096, 8, generator=torch.Generator().manual_seed(0)) * 3).to(DTYPES[dtype])
     rows = torch.cat([gelu_tanh(x[i : i + 9])[:1] for i in range(0, 4096, 9)])

@@ -1,4 +1,4 @@
-"""The CPU row-block path of `gemma4.layers.linear` (a few tokens, a weight of 64 KB or more) against F.linear in
+"""The CPU row-block path of `gemma4.kernels.linear` (a few tokens, a weight of 64 KB or more) against F.linear in
 float64, on every shape class it takes or declines: it must equal a plain product within float rounding."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import contextlib
 
-from gemma4.layers import linear, set_row_invariant_float32
+from gemma4.kernels import linear, set_row_invariant_float32
 
 SHAPES = {
     "tall": (4096, 256),  # the E2B-like case: out >> in, 4 MB
