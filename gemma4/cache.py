@@ -108,8 +108,13 @@ class KVCache:
         max_rollback: int = 16,
         min_sliding_history: int = 0,
         static: bool = False,
+        position_slack: int = 0,
     ):
         self.config = config
+        # positions a forward may reach past max_position_embeddings - 1, to be rolled back: a batch's verify pass
+        # computes, for a row near the limit, drafts beyond its own cap (speculative/loop.py). Kept positions stay
+        # within the limit: the loop checks prompt + max_new_tokens up front.
+        self.position_limit = config.max_position_embeddings + position_slack
         # static: every forward sees buffers of one shape (full layers attend over all max_length positions,
         # masked; writes go through index tensors), so a compiled forward never meets a new shape (no growing)
         self.static = static
@@ -148,7 +153,7 @@ class KVCache:
         rows = slice(0, self.batch_size) if rows is None else rows
         starts = self.lengths[rows]
         ends = [s + num_new for s in starts]
-        if max(ends) > self.config.max_position_embeddings:
+        if max(ends) > self.position_limit:
             raise CacheError(
                 f"position {max(ends) - 1} is past the model's max_position_embeddings="
                 f"{self.config.max_position_embeddings}"

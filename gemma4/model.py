@@ -175,8 +175,8 @@ class Gemma4Model(nn.Module):
         return logits.div_(cap).tanh_().mul_(cap)  # in place: the logits are fresh and V wide
 
     def new_cache(self, *, batch_size: int = 1, max_length: int = 256, max_rollback: int = 16,
-                  min_sliding_history: int = 0, static: bool = False) -> KVCache:
+                  min_sliding_history: int = 0, static: bool = False, position_slack: int = 0) -> KVCache:
         """An empty cache on this model's device and dtype."""
         return KVCache(self.config, batch_size=batch_size, dtype=self.dtype, device=self.device,
                        max_length=max_length, max_rollback=max_rollback, min_sliding_history=min_sliding_history,
-                       static=static)
+                       static=static, position_slack=position_slack)

@@ -147,7 +147,8 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
     reused, continued = [0] * len(prompts), cache is not None
     if not continued:
         cache = target.new_cache(batch_size=len(prompts), max_length=longest + max_new_tokens + k_max,
-                                 max_rollback=k_max + 1, min_sliding_history=history, static=compile)
+                                 max_rollback=k_max + 1, min_sliding_history=history, static=compile,
+                                 position_slack=k_max)
     elif compile and not cache.static:
         raise ValueError("compile=True cannot continue a cache: the compiled steps need a static one, made for "
                          "one generation")
@@ -185,11 +186,12 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
         active, token, h = drop_finished(cache, active, token, h)
     while any(not row.done for row in active):
         live = [not row.done for row in active]
-        # Each row's own k, within its budget (k_b <= room - 1 keeps its block within max_new_tokens); the batch's
-        # k is the largest or the smallest, and never runs a row past max_position_embeddings.
+        # Each row's own k, within its budget (k_b <= room - 1 keeps its block within max_new_tokens, and so its
+        # positions within max_position_embeddings: check_options); the batch's k is the largest or the smallest.
+        # A row that accepts at most k_b < k verifies positions it will not keep, which may lie past the limit: the
+        # cache allows k_max of them (position_slack), so that one row's limit never shortens another's drafts.
         wants = [min(row.k, max_new_tokens - len(row.out) - 1) if ok else 0 for row, ok in zip(active, live)]
         k = (max if draft_length == "max" else min)(w for w, ok in zip(wants, live) if ok)
-        k = min([k] + [config.max_position_embeddings - 1 - length for length in cache.lengths])
         caps = [min(w, k) if draft_length == "max" else k * ok for w, ok in zip(wants, live)]
         drafts, q = draft(steps.drafter, target, token, h, cache, k, sampler, generator)  # [B, k], [B, k, V]
         logits, hidden = verify(steps.target, cache, token, drafts)  # [B, k+1, V], [B, k+1, H]

@@ -314,3 +314,68 @@ def test_a_capped_row_is_rejection_sampling_over_its_own_drafts():
         if int(n) == 1:
             counts[int(token)] += 1
     assert chi_square_p_value(counts, p[0, 1]) > GOOD_P
+
+
+# ---- near max_position_embeddings -------------------------------------------------------------------------------
+class ScriptedDrafter:
+    """A batched stub drafter: row b proposes its greedy continuation `sequences[b]` (always accepted) when
+    `agree[b]`, else a wrong token (always rejected). Which cache row is which prompt follows from the rows' budgets
+    (`on_round` counts what each has emitted; finished rows leave the batch unless `finished == "keep"`)."""
+
+    sliding_history = 9
+    generation_config: dict = {}
+
+    def __init__(self, sequences, agree, budget: int, finished: str = "drop"):
+        self.sequences, self.agree, self.budget, self.finished = sequences, agree, budget, finished
+        self.emitted = [0] * len(sequences)
+        self._hidden = None
+
+    def on_round(self, index, info):
+        self.emitted[index] += len(info.emitted)
+
+    def context(self, position, views):
+        return None
+
+    def step(self, target, token, hidden, position, views, context=None):
+        B, V = token.shape[0], target.config.vocab_size
+        if hidden is not self._hidden:  # a new round
+            self.rows = [b for b in range(len(self.sequences))
+                         if self.finished == "keep" or self.emitted[b] < self.budget]
+            self.j = 0
+        self.j += 1
+        logits = torch.zeros(B, 1, V)
+        for i, b in enumerate(self.rows):
+            at = int(position[i]) + self.j
+            right = self.sequences[b][at] if at < len(self.sequences[b]) else 0
+            logits[i, 0, right if self.agree[b] else (right + 1) % V] = 10.0
+        self._hidden = torch.zeros(B, 1, target.config.hidden_size)
+        return SimpleNamespace(logits=logits, hidden=self._hidden)
+
+
+@pytest.fixture(scope="module")
+def short_target(tmp_path_factory):
+    """The e2b family with max_position_embeddings = 64."""
+    folder = tiny.save(tiny.build_target("e2b", seed=0, max_position_embeddings=64),
+                       tmp_path_factory.mktemp("short") / "target", eos_token_id=())
+    return load_target(folder)
+
+
+@pytest.mark.parametrize("finished", ["drop", "keep"])
+def test_a_row_near_the_position_limit_does_not_shorten_the_others_drafts(finished, short_target):
+    """Row 0 ends exactly at max_position_embeddings (prompt 40 + 24 new tokens = 64) and accepts every draft;
+    row 1 is short and rejects every draft, so it lags behind. Each row drafts what it drafts alone, round for
+    round: row 0's nearness to the limit (or, kept frozen, its being at it) does not clamp row 1's k."""
+    target, budget, k = short_target, 24, 8
+    batch = prompts((40, 5), seed=5)
+    sequences = [p + generate(target, None, p, max_new_tokens=budget, stop_token_ids=[]).tokens for p in batch]
+    agree = [True, False]
+    alone = [generate(target, ScriptedDrafter([s], [a], budget), p, max_new_tokens=budget, num_draft_tokens=k,
+                      stop_token_ids=[]) for s, a, p in zip(sequences, agree, batch)]
+    stub = ScriptedDrafter(sequences, agree, budget, finished)
+    rows = generate_batch(target, stub, batch, max_new_tokens=budget, num_draft_tokens=k, stop_token_ids=[],
+                          finished=finished, on_round=stub.on_round)
+    for b, (row, single) in enumerate(zip(rows, alone)):
+        assert row.tokens == single.tokens == sequences[b][len(batch[b]):], f"row {b}"
+        assert row.stats.rounds == single.stats.rounds, f"row {b}: the rounds it has alone"
+        assert row.stats.target_forward_passes == single.stats.target_forward_passes
+    assert alone[1].stats.rounds == [(min(k, budget - 1 - n), 0) for n in range(1, budget - 1)], "k, or the budget"
