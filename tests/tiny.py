@@ -145,6 +145,53 @@ def build_multimodal_target(family: str, seed: int = 0):
     return model
 
 
+# Vision encoders with each released family's geometry, shrunk: E2B/E4B clip every linear (use_clipped_linears),
+# 31B/26B-A4B standardise the pooled features and attend bidirectionally within an image on sliding layers
+# (text_config use_bidirectional_attention="vision"). Patches of 4 pixels, pooling 3: a 12 x 12 pixel cell is one
+# soft token. Image token ids sit inside the tiny vocabulary.
+VISION_E2B_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                       position_embedding_size=64, use_clipped_linears=True, standardize=False)
+VISION_31B_LIKE = dict(VISION_E2B_LIKE, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=4, head_dim=12, use_clipped_linears=False, standardize=True)
+VISION_FAMILIES = {"e2b": ("e2b", VISION_E2B_LIKE, None), "31b": ("31b", VISION_31B_LIKE, "vision")}
+IMAGE_TOKENS = dict(image_token_id=500, boi_token_id=501, eoi_token_id=502, video_token_id=503, audio_token_id=504,
+                    boa_token_id=505, eoa_token_id=506)
+
+
+@torch.no_grad()
+def randomize_vision(model, seed: int) -> None:
+    """Draw what `randomize` leaves at transformers' neutral values in a vision tower: the clipping bounds (finite
+    and tight enough that some inputs and outputs are clamped) and the standardisation bias and scale."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    for name, b in model.named_buffers():
+        if name.endswith(("input_min", "input_max")):
+            b.fill_((torch.rand((), generator=gen) * 1.5 + 0.5).item() * (1 if name.endswith("max") else -1))
+        elif name.endswith(("output_min", "output_max")):
+            b.fill_((torch.rand((), generator=gen) * 0.3 + 0.1).item() * (1 if name.endswith("max") else -1))
+        elif name.endswith("std_bias"):
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.5)
+        elif name.endswith("std_scale"):
+            b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
+
+
+def build_vision_target(family: str, seed: int = 0, **text_overrides):
+    """A randomized Gemma4ForConditionalGeneration with a vision tower (no audio), family "e2b" or "31b" (the text
+    family and vision geometry of VISION_FAMILIES)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text_family, vision, bidirectional = VISION_FAMILIES[family]
+    torch.manual_seed(seed)
+    text = _text_config(text_family, use_bidirectional_attention=bidirectional, **text_overrides).to_dict()
+    config = Gemma4Config(text_config=text, vision_config=dict(vision), audio_config=None,
+                          vision_soft_tokens_per_image=70, **IMAGE_TOKENS)
+    config._attn_implementation = "eager"
+    model = Gemma4ForConditionalGeneration(config).eval()
+    randomize(model, seed)
+    randomize_vision(model, seed)
+    return model
+
+
 def build_drafter(kind: str, seed: int = 0, num_assistant_tokens: int = 4, **overrides):
     """A randomized transformers Gemma4AssistantForCausalLM with num_assistant_tokens set (docs/transformers.md)."""
     from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
