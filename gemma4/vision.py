@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
-from .layers import Linear, RMSNorm, apply_rope, gelu_tanh
+from .kernels import gelu_tanh
+from .layers import Linear, RMSNorm, apply_rope
 
 
 @dataclass

@@ -33,6 +33,18 @@ def drafter_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vision_checkpoint(tmp_path_factory):
+    """vision_checkpoint(family) -> folder of a saved tiny Gemma4ForConditionalGeneration with a vision tower
+    ("e2b" or "31b": tiny.VISION_FAMILIES)."""
+
+    @functools.cache
+    def make(family: str):
+        return tiny.save(tiny.build_vision_target(family, seed=0), tmp_path_factory.mktemp(f"vision-{family}"))
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def target_pair(checkpoint):
     """target_pair(family) -> (transformers model, our model loaded from the same checkpoint)."""
     from transformers import Gemma4ForCausalLM

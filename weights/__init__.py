@@ -2,10 +2,10 @@
 
 from .chat_template import ChatTemplateError, load_chat_template, render_chat
 from .files import CheckpointError, resolve_checkpoint
-from .loader import load_drafter, load_target, parse_device, parse_dtype
+from .loader import load_drafter, load_target, load_vision, parse_device, parse_dtype
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "ChatTemplateError", "CheckpointError", "Tokenizer", "load_chat_template", "load_drafter", "load_target",
-    "load_tokenizer", "parse_device", "parse_dtype", "render_chat", "resolve_checkpoint",
+    "load_tokenizer", "load_vision", "parse_device", "parse_dtype", "render_chat", "resolve_checkpoint",
 ]

@@ -6,8 +6,10 @@ copy of the weights, and a tensor the checkpoint lacks is an error, never a sile
 
 Key mapping, in one place: our module names equal the checkpoint's names after a prefix, `model.language_model.`
 for multimodal checkpoints (Gemma4ForConditionalGeneration) and `model.` for text-only ones (Gemma4ForCausalLM).
-Vision and audio tensors lie outside that prefix and are never read; the k/v tensors some checkpoints keep for
-KV-sharing ("reuse") layers are skipped, as transformers does.
+Vision and audio tensors lie outside that prefix and are not read by `load_target`; the k/v tensors some checkpoints
+keep for KV-sharing ("reuse") layers are skipped, as transformers does. `load_vision` reads the vision encoder
+(`model.vision_tower.*`, `model.embed_vision.*`: our `VisionModel`'s names after `model.`) only when a prompt has
+images, so text-only use never holds it in memory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from drafter import Drafter, DrafterConfig, check_compatible
 from gemma4 import Gemma4Config, Gemma4Model
+from gemma4.vision import VisionConfig, VisionModel
 
 from .files import CheckpointError, TensorStore, read_json, read_optional_json, resolve_checkpoint
 from .mapped import MappedEmbedding
@@ -99,6 +102,28 @@ def load_target(
     key_of = {name: ("lm_head.weight" if name == "lm_head.weight" else prefix + name) for name in model.state_dict()}
     done = {name + ".weight" for name, m in model.named_children() if isinstance(m, MappedEmbedding)}
     fill(model, store, key_of, ignored, done)
+    return finish(model, folder)
+
+
+VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")
+
+
+def load_vision(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> VisionModel:
+    """Load the vision encoder and its projection into the text model (`gemma4.vision.VisionModel`) of a multimodal
+    Gemma 4 checkpoint; a text-only checkpoint raises CheckpointError saying it takes no images."""
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision)
+    config = parse_config(folder, VisionConfig.from_dict)
+    store = TensorStore(folder)
+    model = build_empty(VisionModel, config, dtype, device)
+    fill(model, store, {name: "model." + name for name in model.state_dict()},
+         lambda key: not key.startswith(VISION_PREFIXES))
     return finish(model, folder)
 
 
