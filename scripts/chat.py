@@ -12,6 +12,10 @@ colours), hidden, or as generated (`--thinking dim|hide|show`). A one-line summa
 --json nothing streams: one JSON line per turn (user, text, thinking, tokens, stats with prompt_tokens_reused and
 prompt_tokens_processed, how the cache was used).
 
+A turn that fails (a message too long for the context, NaN logits: TURN_ERRORS) prints an error line on stderr
+and, with --json, `{"user": ..., "error": {"type": ..., "message": ...}}` in its answer's place; the conversation
+goes on without that message, and the exit status is then 1.
+
 Ctrl-C while an answer is generated stops it at the next round (a second Ctrl-C stops at once): the turn keeps what
 was emitted and the next message continues the conversation.
 """
@@ -24,10 +28,14 @@ import signal
 import sys
 import threading
 
-from speculative import ContextLimitError, Session
+from gemma4 import CacheError
+from speculative import NumericalError, Session
 from speculative.session import THOUGHT_CLOSE, THOUGHT_OPEN, split_thinking
 
 COMMANDS = ("/reset", "/stats", "/exit")
+# What fails one turn and not the conversation (Session.send leaves the session as it was): a message that does not
+# fit the context, a template that cannot render it, NaN logits. An error line takes the answer's place.
+TURN_ERRORS = (ValueError, CacheError, NumericalError)
 THINKING = ("dim", "hide", "show")
 PROMPT = ">>> "
 
@@ -36,13 +44,14 @@ def run_chat(args, target, drafter, tokenizer, template, options: dict, *, draft
              stdout=None, stderr=None) -> int:
     """The conversation loop. `args` carries generate.py's options (system, max_new_tokens, num_draft_tokens,
     schedule, thinking, enable_thinking, json); `options` the sampling ones; `drafts_printer()` makes the per-round
-    printer of --show-drafts. Returns the exit status (0 at EOF or /exit)."""
+    printer of --show-drafts. Returns the exit status at EOF or /exit: 0, or 1 when a turn failed (TURN_ERRORS)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     thinking = {"enable_thinking": True} if args.enable_thinking else None
     session = Session(target, drafter, tokenizer=tokenizer, template=template, system=args.system,
                       max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
                       schedule=args.schedule, template_kwargs=thinking, **options)
     color = stdout.isatty() and "NO_COLOR" not in os.environ
+    failed = 0
 
     def note(message: str) -> None:
         print(message, file=stderr, flush=True)
@@ -65,8 +74,13 @@ def run_chat(args, target, drafter, tokenizer, template, options: dict, *, draft
         try:
             with StopOnInterrupt() as stop:
                 turn = session.send(line, on_round=lambda info: (printer(info), stop.check()))
-        except ContextLimitError as e:
-            note(f"error: {e}")
+        except TURN_ERRORS as e:  # the session is left as it was before the message: the conversation goes on
+            failed += 1
+            message = " ".join(str(e).split())
+            note(f"error: {message}")
+            if args.json:
+                print(json.dumps({"user": line, "error": {"type": type(e).__name__, "message": message}}),
+                      file=stdout, flush=True)
             continue
         finally:
             printer.finish()
@@ -77,7 +91,7 @@ def run_chat(args, target, drafter, tokenizer, template, options: dict, *, draft
                               "thinking": thinking, "tokens": turn.tokens, "interrupted": turn.interrupted,
                               "stats": turn.to_dict()}), file=stdout, flush=True)
         note(summary(turn))
-    return 0
+    return 1 if failed else 0
 
 
 def messages(stdin, stdout, note):

@@ -311,3 +311,33 @@ def test_cli_chat_option_errors(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(argv, "", monkeypatch, capsys)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_chat_a_failed_turn_answers_with_an_error_in_its_place_and_the_exit_status_says_so(monkeypatch, capsys):
+    """A message too long for the context (2048 positions) fails its turn: --json prints a line with an "error"
+    object where the answer would be (every message gets one line, in order), the conversation goes on as if the
+    message had not been sent, and the exit status is 1. Without --json the error is a line on stderr."""
+    too_long = " ".join(f"x{i}" for i in range(1500))
+    lines = ["def add(a, b):", too_long, "class A:"]
+    code, out, err = run_cli(["--chat", "--json", "--max-new-tokens", 8, "--threads", 1], "\n".join(lines) + "\n",
+                             monkeypatch, capsys)
+    assert code == 1, err
+    reports = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["user"] for r in reports] == lines
+    assert "error" not in reports[0] and "error" not in reports[2]
+    error = reports[1]["error"]
+    assert error["type"] == "ContextLimitError" and "context limit of 2048" in error["message"]
+    assert "tokens" not in reports[1] and "Traceback" not in err
+    target, drafter, tokenizer = bundled()
+    s = Session(target, drafter, tokenizer=tokenizer, template=load_chat_template(target.checkpoint_dir),
+                max_new_tokens=8)
+    answers = [s.send(m).tokens for m in (lines[0], lines[2])]
+    assert [reports[0]["tokens"], reports[2]["tokens"]] == answers
+
+    code, out, err = run_cli(["--chat", "--max-new-tokens", 8, "--threads", 1, "--no-draft"],
+                             "\n".join(lines) + "\n", monkeypatch, capsys)
+    assert code == 1
+    assert err.count("error: ") == 1 and "context limit of 2048" in err and "Traceback" not in err
+    s = Session(target, None, tokenizer=tokenizer, template=load_chat_template(target.checkpoint_dir),
+                max_new_tokens=8)
+    assert out == "".join(s.send(m).text + "\n" for m in (lines[0], lines[2]))  # the two answers, nothing else
