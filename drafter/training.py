@@ -34,17 +34,18 @@ import math
 
 import torch
 
-from gemma4 import Gemma4Model, KVView
+from gemma4 import FULL, SLIDING, Gemma4Config, Gemma4Model, KVView
 
 from .model import Drafter
 
 
 # ---- the teacher ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def teacher_inputs(target: Gemma4Model, seqs: torch.Tensor, batch: int = 16) -> dict:
+def teacher_inputs(target: Gemma4Model, seqs: torch.Tensor, batch: int = 16, progress=None) -> dict:
     """What distillation reads from the frozen target, computed once per sequence [N, S]: its post-norm hidden
     states [N, S, H_t] (the teacher's logits are `target.head` of them) and, per attention type, the K/V of every
-    position (the cache's views after a prefill with room for all S positions, so position p sits at index p)."""
+    position (the cache's views after a prefill with room for all S positions, so position p sits at index p).
+    `progress(rows done, rows)` is called after every batch of rows."""
     seqs = seqs.to(target.device)
     N, S = seqs.shape
     expected = torch.arange(S, device=target.device)
@@ -56,6 +57,8 @@ def teacher_inputs(target: Gemma4Model, seqs: torch.Tensor, batch: int = 16) -> 
         for kind, view in cache.views().items():  # a sliding ring may have more slots than S: the rest are empty
             assert bool((view.positions[..., :S] == expected).all()), "every position must sit at its own index"
             kv.setdefault(kind, []).append((view.k[:, :, :S].clone(), view.v[:, :, :S].clone()))  # [b, n_kv, S, d]
+        if progress is not None:
+            progress(min(i + batch, N), N)
     kv = {kind: (torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])) for kind, parts in kv.items()}
     return {"ids": seqs, "hidden": torch.cat(hidden), "kv": kv}
 
@@ -85,14 +88,16 @@ def shift(x: torch.Tensor, s: int, fill=0) -> torch.Tensor:
 
 @torch.inference_mode()
 def greedy_sequences(target: Gemma4Model, files: list[torch.Tensor], count: int, length: int, generator,
-                     batch: int = 64, min_prompt: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                     batch: int = 64, min_prompt: int = 16, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """([count, length] sequences, [count] prompt lengths): a prompt (half the batches: the start of a file, half:
     a random window of one; min_prompt..length/2 tokens, the same within a batch) continued by the target's greedy
     decoding, as the loop would. Files too short for a batch's prompt are skipped; fewer rows come back if no file
-    is long enough."""
+    is long enough. `progress(done, total)`, if given, is called after every decode step with the rows' worth of
+    work done so far (fractional within a batch) out of `count`."""
     rows, firsts = [], []
     min_prompt = max(2, min(min_prompt, length // 2))
-    for b in range(math.ceil(count / batch)):
+    batches = math.ceil(count / batch)
+    for b in range(batches):
         n = min(batch, count - b * batch)
         plen = int(torch.randint(min_prompt, length // 2 + 1, (1,), generator=generator))
         picks = torch.randint(0, len(files), (4 * n,), generator=generator).tolist()
@@ -107,14 +112,18 @@ def greedy_sequences(target: Gemma4Model, files: list[torch.Tensor], count: int,
         cache = target.new_cache(batch_size=len(prompts), max_length=length, max_rollback=0)
         logits = target(ids, cache, logits_to_keep=1).logits
         out = [ids]
-        for _ in range(length - plen):
+        for i in range(length - plen):
             token = logits[:, -1].argmax(-1, keepdim=True)  # [n, 1]
             out.append(token)
+            if progress is not None:
+                progress(b * batch + n * (i + 1) / (length - plen), count)
             if cache.length == length - 1:
                 break
             logits = target(token, cache).logits
         rows.append(torch.cat(out, dim=1).cpu())
         firsts.append(torch.full((len(prompts),), plen - 1))
+        if progress is not None:
+            progress(min(count, (b + 1) * batch), count)
     if not rows:
         raise ValueError(f"no document is longer than {min_prompt + 1} tokens: none can prompt a greedy continuation")
     return torch.cat(rows), torch.cat(firsts)
@@ -225,10 +234,11 @@ def drafter_agreement(drafter: Drafter, target: Gemma4Model, data: dict, steps: 
 
 @torch.no_grad()
 def acceptance_per_position(drafter: Drafter, target: Gemma4Model, data: dict, steps: int,
-                            batch: int = 8) -> list[float]:
+                            batch: int = 8, progress=None) -> list[float]:
     """A_j for j = 1..steps: of the round starts with room for j drafts (positions p >= the row's "first", with
     p + j - 1 inside the sequence, on the greedy path), the share at which drafts 1..j all equal the target's greedy
-    tokens, i.e. a round of >= j drafts would accept >= j (greedy decoding; as scripts/eval_tiny.py counts it)."""
+    tokens, i.e. a round of >= j drafts would accept >= j (greedy decoding; as scripts/eval_tiny.py counts it).
+    `progress(rows done, rows)` is called after every batch of rows."""
     hits, counts = [0] * steps, [0] * steps
     for i in range(0, len(data["ids"]), batch):
         part = rows_of(data, torch.arange(i, min(i + batch, len(data["ids"]))))
@@ -238,6 +248,8 @@ def acceptance_per_position(drafter: Drafter, target: Gemma4Model, data: dict, s
             accepted = match if accepted is None else accepted & match
             hits[j - 1] += int((accepted & valid).sum())
             counts[j - 1] += int(valid.sum())
+        if progress is not None:
+            progress(min(i + batch, len(data["ids"])), len(data["ids"]))
     return [h / c if c else float("nan") for h, c in zip(hits, counts)]
 
 
@@ -255,6 +267,62 @@ def predicted_speedups(acceptance: list[float], drafter_cost: float, verify_cost
     verify_cost = verify_cost or {}
     return {n: expected_tokens(acceptance, n) / (n * drafter_cost + verify_cost.get(n, 1.0))
             for n in range(1, len(acceptance) + 1)}
+
+
+# ---- a drafter from scratch ----------------------------------------------------------------------------------
+WIDTH_PER_QUERY_HEAD = 64  # the released drafters' ratio: hidden 256 -> 4 query heads (E2B, E4B), 1024 -> 16 (26B-A4B)
+
+
+def scratch_heads(target: Gemma4Config, size: int) -> int:
+    """Query heads of a scratch drafter of hidden size `size` for `target`: size // 64 (at least 1), rounded up to
+    a multiple of the KV-head count of every attention type the drafter reads, at most the target's own head count.
+
+    The drafter attends to the target's K/V with grouped-query attention, so each of its layers needs a head count
+    that the K/V it reads divides: a multiple of the least common multiple of the target's KV heads per type (E2B 1,
+    E4B 2, 31B lcm(16, 4) = 16, 26B-A4B lcm(8, 2) = 8). The target's own head count is such a multiple (its layers
+    read the same K/V), so the cap keeps the rule. Every size >= 1 thus gets a valid layout: at 256, 4 heads for E2B
+    and E4B, 16 for 31B, 8 for 26B-A4B."""
+    if size < 1:
+        raise ValueError(f"a drafter's hidden size must be at least 1, got {size}")
+    kv = math.lcm(*(target.layers[target.export_layer[t]].num_kv_heads for t in scratch_attention_types(target)))
+    return min(target.num_attention_heads, kv * math.ceil(max(1, size // WIDTH_PER_QUERY_HEAD) / kv))
+
+
+def scratch_attention_types(target: Gemma4Config) -> list[str]:
+    """The attention types whose K/V the target exports, sliding first."""
+    return [t for t in (SLIDING, FULL) if t in target.export_layer]
+
+
+def scratch_config(target: Gemma4Config, size: int, target_raw: dict | None = None) -> dict:
+    """A gemma4_assistant config.json for `target` (its parsed config alone: no weights needed), the released
+    drafters' design: 4 query-only layers (3 sliding + 1 full where the target has both), hidden `size`, MLP 8x
+    wider, `scratch_heads` query heads, the head dims, KV heads, RoPE and window of the target's exporting layers,
+    a tied head (a centroid-masked head needs a token clustering: fine-tune a released drafter for one).
+    `target_raw`: the target's config.json text config, whose rope_parameters and token ids are copied."""
+    types = scratch_attention_types(target)
+    layer_types = [SLIDING] * 3 + [FULL] if len(types) == 2 else types * 4
+    spec = {t: target.layers[target.export_layer[t]] for t in types}
+    text = dict(model_type="gemma4_text", vocab_size=target.vocab_size, hidden_size=size,
+                intermediate_size=8 * size, num_hidden_layers=4, num_attention_heads=scratch_heads(target, size),
+                num_key_value_heads=spec[types[0]].num_kv_heads, head_dim=spec[types[0]].head_dim,
+                global_head_dim=spec[FULL].head_dim if FULL in spec else target.global_head_dim,
+                layer_types=layer_types, sliding_window=target.sliding_window, hidden_size_per_layer_input=0,
+                vocab_size_per_layer_input=0, num_kv_shared_layers=4,
+                max_position_embeddings=target.max_position_embeddings, attention_k_eq_v=target.attention_k_eq_v,
+                enable_moe_block=False, use_double_wide_mlp=False, hidden_activation="gelu_pytorch_tanh",
+                rms_norm_eps=target.rms_norm_eps, tie_word_embeddings=True, attention_bias=False)
+    if FULL in spec:  # the full layers' KV heads, whatever the target calls them
+        if target.attention_k_eq_v:
+            text["num_global_key_value_heads"] = spec[FULL].num_kv_heads
+        elif spec[FULL].num_kv_heads != text["num_key_value_heads"]:
+            raise ValueError(f"the target's full layers have {spec[FULL].num_kv_heads} KV heads and its sliding "
+                             f"layers {text['num_key_value_heads']}: a drafter config cannot say so without k_eq_v")
+    for key in ("rope_parameters", "pad_token_id", "eos_token_id", "bos_token_id"):  # as the target's config.json
+        if key in (target_raw or {}):
+            text[key] = target_raw[key]
+    return {"architectures": ["Gemma4AssistantForCausalLM"], "model_type": "gemma4_assistant",
+            "backbone_hidden_size": target.hidden_size, "use_ordered_embeddings": False, "num_centroids": 2048,
+            "centroid_intermediate_top_k": 32, "tie_word_embeddings": True, "text_config": text}
 
 
 # ---- optimisation helpers ---------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ pass over N + 1 tokens (measured here on --device, in units of one target decode
 itself (speculative.generate, greedy) runs on held-out prompts with the initial and the trained drafter, checking
 that the output equals target-only decoding.
 
+Every phase reports its progress on stderr (loading, greedy continuations, teacher, evaluations, training, loop
+check); CPU threads default to the free cores, as in generate.py.
+
 DIR receives a Hugging Face-layout drafter folder (config.json, model.safetensors, generation_config.json, the
 target's tokenizer files) that weights.load_drafter and transformers load, `training_report.json` (acceptance per
 position before and after, the loss curve, predictions, the loop check), and `checkpoint/` (drafter, optimizer and
@@ -49,15 +52,19 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from drafter import Drafter, DrafterConfig, check_compatible  # noqa: E402
 from drafter.training import (  # noqa: E402
     acceptance_per_position, drafter_loss, expected_tokens, greedy_sequences, init_weights, join, lr_at, make_optimizer,
-    optimizer_from_safetensors, optimizer_to_safetensors, predicted_speedups, round_to, teacher_inputs,
+    optimizer_from_safetensors, optimizer_to_safetensors, predicted_speedups, round_to, scratch_config, teacher_inputs,
     warm_start,
 )
-from gemma4 import FULL, SLIDING  # noqa: E402
+from gemma4 import Gemma4Config  # noqa: E402
 from speculative import generate  # noqa: E402
 from weights import (  # noqa: E402
-    load_chat_template, load_drafter, load_target, load_tokenizer, parse_dtype, render_chat,
+    load_chat_template, load_drafter, load_target, load_tokenizer, parse_dtype, render_chat, resolve_checkpoint,
 )
 from weights.files import CheckpointError  # noqa: E402
+from weights.loader import parse_config  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import default_threads  # noqa: E402  (the free cores: the same default as generate.py)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -95,16 +102,23 @@ def read_documents(paths: list[str], chat_template: str | None) -> list[dict]:
     return docs
 
 
-def read_text(path: Path) -> dict:
+def read_utf8(path: Path) -> str:
+    """The file's text, or a UsageError naming the file (and the byte offset) when it is not UTF-8."""
     try:
-        return {"source": str(path), "text": path.read_text(encoding="utf-8"), "chat": False}
-    except UnicodeDecodeError:
-        raise UsageError(f"--data {path}: not UTF-8 text") from None
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--data {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UsageError(f"--data {path}: cannot be read ({e.strerror})") from None
+
+
+def read_text(path: Path) -> dict:
+    return {"source": str(path), "text": read_utf8(path), "chat": False}
 
 
 def read_jsonl(path: Path, chat_template: str | None) -> list[dict]:
     docs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -152,45 +166,30 @@ def random_windows(stream: torch.Tensor, batch: int, length: int, generator: tor
 
 
 # ---- the drafter ----------------------------------------------------------------------------------------------------
-def scratch_config(target, size: int) -> dict:
-    """A gemma4_assistant config.json for `target`, the released drafters' design: 4 query-only layers (3 sliding +
-    1 full where the target has both), width `size`, MLP 8x wider, head dims, KV heads, RoPE and window of the
-    target's exporting layers; a tied head (a centroid-masked head needs a token clustering: fine-tune one)."""
-    cfg = target.config
-    types = [t for t in (SLIDING, FULL) if t in cfg.export_layer]
-    layer_types = [SLIDING] * 3 + [FULL] if len(types) == 2 else types * 4
-    spec = {t: cfg.layers[cfg.export_layer[t]] for t in types}
-    text = dict(model_type="gemma4_text", vocab_size=cfg.vocab_size, hidden_size=size, intermediate_size=8 * size,
-                num_hidden_layers=4, num_attention_heads=max(1, min(cfg.num_attention_heads, size // 64)),
-                num_key_value_heads=spec[types[0]].num_kv_heads, head_dim=spec[types[0]].head_dim,
-                global_head_dim=spec[FULL].head_dim if FULL in spec else cfg.global_head_dim,
-                layer_types=layer_types, sliding_window=cfg.sliding_window, hidden_size_per_layer_input=0,
-                vocab_size_per_layer_input=0, num_kv_shared_layers=4,
-                max_position_embeddings=cfg.max_position_embeddings, attention_k_eq_v=cfg.attention_k_eq_v,
-                enable_moe_block=False, use_double_wide_mlp=False,
-                hidden_activation="gelu_pytorch_tanh", rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=True,
-                attention_bias=False)
-    if cfg.attention_k_eq_v and FULL in spec:
-        text["num_global_key_value_heads"] = spec[FULL].num_kv_heads
-    raw = read_json_or_empty(Path(target.checkpoint_dir) / "config.json")
-    raw = raw.get("text_config", raw)
-    for key in ("rope_parameters", "pad_token_id", "eos_token_id", "bos_token_id"):  # as the target's config.json
-        if key in raw:
-            text[key] = raw[key]
-    return {"architectures": ["Gemma4AssistantForCausalLM"], "model_type": "gemma4_assistant",
-            "backbone_hidden_size": cfg.hidden_size, "use_ordered_embeddings": False, "num_centroids": 2048,
-            "centroid_intermediate_top_k": 32, "tie_word_embeddings": True, "text_config": text}
-
-
 def read_json_or_empty(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def build_drafter(target, settings: dict, generator: torch.Generator) -> tuple[Drafter, dict, dict]:
-    """(float32 trainable drafter on the target's device, its config.json dict, its generation_config dict)."""
+def scratch_drafter_config(target_dir: Path, size: int | None) -> dict:
+    """The config.json of a scratch drafter for the target in `target_dir`, from the target's config.json alone
+    (before any weight is read), checked against the target: hidden size `size` (default min(256, the target's))."""
+    target_config = parse_config(target_dir, Gemma4Config.from_dict)
+    raw = read_json_or_empty(target_dir / "config.json")
+    size = size or min(256, target_config.hidden_size)
+    config = scratch_config(target_config, size, raw.get("text_config", raw))
+    try:
+        check_compatible(DrafterConfig.from_dict(config), target_config)
+    except ValueError as e:  # a layout the rule should never produce: named, before the target is loaded
+        raise UsageError(f"--init scratch --size {size}: {e}") from None
+    return config
+
+
+def build_drafter(target, settings: dict, generator: torch.Generator, config: dict | None = None
+                  ) -> tuple[Drafter, dict, dict]:
+    """(float32 trainable drafter on the target's device, its config.json dict, its generation_config dict);
+    `config`: a scratch drafter's (`scratch_drafter_config`)."""
     device = target.device
     if settings["init"] == "scratch":
-        config = scratch_config(target, settings["size"] or min(256, target.config.hidden_size))
         drafter_config = DrafterConfig.from_dict(config)
         check_compatible(drafter_config, target.config)
         drafter = Drafter(drafter_config).to(device)
@@ -246,15 +245,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def loop_check(target, drafters: dict, prompts: list[list[int]], n: int, new_tokens: int) -> dict:
+def loop_check(target, drafters: dict, prompts: list[list[int]], n: int, new_tokens: int, progress=None) -> dict:
     """Greedy speculative.generate with each drafter at N = n drafts, and target-only, on held-out prompts: the
-    loop's own acceptance per position, tokens per target pass, tokens/s, and whether outputs equal target-only."""
-    base = [generate(target, None, p, max_new_tokens=new_tokens) for p in prompts]
+    loop's own acceptance per position, tokens per target pass, tokens/s, and whether outputs equal target-only.
+    `progress(runs done, runs)` after every generation."""
+    total, done = len(prompts) * (1 + len(drafters)), 0
+
+    def run_one(drafter, prompt, **kw):
+        nonlocal done
+        result = generate(target, drafter, prompt, max_new_tokens=new_tokens, **kw)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return result
+
+    base = [run_one(None, p) for p in prompts]
     base_rate = sum(r.stats.decode_tokens for r in base) / sum(r.stats.decode_seconds for r in base)
     out = {"prompts": len(prompts), "new_tokens": new_tokens, "num_draft_tokens": n,
            "target_only_tokens_per_second": base_rate}
     for name, drafter in drafters.items():
-        runs = [generate(target, drafter, p, max_new_tokens=new_tokens, num_draft_tokens=n) for p in prompts]
+        runs = [run_one(drafter, p, num_draft_tokens=n) for p in prompts]
         rounds = [r for run in runs for r in run.stats.rounds]
         tokens = sum(r.stats.decode_tokens for r in runs)
         rate = tokens / sum(r.stats.decode_seconds for r in runs)
@@ -313,7 +323,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", nargs="+", help="text files, folders, JSONL files (\"text\" or \"messages\")")
     p.add_argument("--out", type=Path, required=True, help="output folder (the drafter, report and checkpoint/)")
     p.add_argument("--init", help="a released-layout drafter (folder or hub id) to fine-tune, or 'scratch'")
-    p.add_argument("--size", type=int, help="--init scratch: the drafter's hidden size (default min(256, target's))")
+    p.add_argument("--size", type=int, help="--init scratch: the drafter's hidden size, any integer >= 1 for every "
+                   "target (default min(256, the target's)); its query heads are size // 64 rounded up to a multiple "
+                   "of the target's KV heads per attention type (at 256: 4 for E2B and E4B, 16 for 31B, 8 for "
+                   "26B-A4B), checked against the target before its weights load")
     p.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULTS['steps']})")
     p.add_argument("--seq-len", type=int, help=f"tokens per training sequence (default {DEFAULTS['seq_len']})")
     p.add_argument("--draft-steps", type=int, help=f"K chained draft steps trained (default {DEFAULTS['draft_steps']})")
@@ -339,7 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loop-prompts", type=int, help="held-out prompts run through speculative.generate at the end "
                    "(default 4; 0: skip)")
     p.add_argument("--loop-new-tokens", type=int, help="new tokens per loop-check prompt (default 64)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: as generate.py, one per core that no "
+                   "other process keeps busy when the run starts)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.01)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     return p.parse_args(argv)
@@ -402,11 +416,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     args.command = "python scripts/train_drafter.py " + " ".join(argv)
+    previous = torch.get_num_threads()
     try:
         return run(args)
     except (UsageError, CheckpointError, ValueError) as e:
         print(f"train_drafter.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(previous)  # for callers in the same process
 
 
 def run(args: argparse.Namespace) -> int:
@@ -419,14 +436,18 @@ def run(args: argparse.Namespace) -> int:
     elif (ckpt / "state.json").is_file():
         raise UsageError(f"{out} already holds a run (checkpoint/state.json): pass --resume or choose another --out")
     s = settings_from(args, saved_state["settings"] if saved_state else None)
-    if s["threads"]:
-        torch.set_num_threads(s["threads"])
+    torch.set_num_threads(s["threads"] or default_threads())
     begin = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{(time.perf_counter() - begin) / 60:5.1f} min] {msg}", file=sys.stderr, flush=True)
 
-    target = load_target(s["target"], dtype=s["dtype"], device=s["device"])  # frozen: requires_grad off, eval
+    target_dir = resolve_checkpoint(s["target"])
+    scratch = scratch_drafter_config(target_dir, s["size"]) if s["init"] == "scratch" else None  # before the weights
+    threads = torch.get_num_threads()
+    log(f"loading target {s['target']} ({s['dtype']}, {s['device']}, {threads} thread{'s' * (threads > 1)}) ...")
+    target = load_target(target_dir, dtype=s["dtype"], device=s["device"])  # frozen: requires_grad off, eval
+    log(f"target loaded: {sum(p.numel() for p in target.parameters()) / 1e6:.1f} M parameters")
     tokenizer = load_tokenizer(target.checkpoint_dir)
     docs = read_documents(s["data"], load_chat_template(target.checkpoint_dir))
     held = [d for d in docs if is_held_out(d["text"], s["held_out"])]
@@ -448,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"data: {len(docs)} documents, {len(train)} training ({len(stream)} tokens), {len(held)} held out")
 
     gen = torch.Generator().manual_seed(s["seed"])
-    drafter, config, generation = build_drafter(target, s, gen)
+    drafter, config, generation = build_drafter(target, s, gen, scratch)
     save_dtype = parse_dtype(s["save_dtype"] or config.get("dtype") or config.get("torch_dtype") or "bfloat16")
     optimizer = make_optimizer(drafter, s["lr"], s["weight_decay"])
     greedy_rows = {"data": 0, "greedy": s["batch_size"], "mixed": s["batch_size"] // 2}[s["contexts"]]
@@ -462,34 +483,35 @@ def run(args: argparse.Namespace) -> int:
         state["settings"] = s
         log(f"resumed at step {state['step']} of {s['steps']}")
     else:
-        t0 = time.perf_counter()
         ctx_gen = torch.Generator().manual_seed(s["seed"] + 1)
-        eval_ids, eval_first = greedy_sequences(target, held_files, s["eval_seqs"], s["seq_len"], ctx_gen,
-                                                batch=min(32, s["eval_seqs"]))
+        eval_ids, eval_first = greedy_sequences(
+            target, held_files, s["eval_seqs"], s["seq_len"], ctx_gen, batch=min(32, s["eval_seqs"]),
+            progress=Phase(log, "greedy continuations of held-out prompts", "rows"))
         contexts = {"eval_ids": eval_ids, "eval_first": eval_first}
         if greedy_rows:
-            contexts["train_ids"] = greedy_sequences(target, train_files, s["greedy_seqs"], s["seq_len"], ctx_gen)[0]
+            contexts["train_ids"] = greedy_sequences(
+                target, train_files, s["greedy_seqs"], s["seq_len"], ctx_gen,
+                progress=Phase(log, "greedy continuations of training prompts", "rows"))[0]
         ckpt.mkdir(parents=True, exist_ok=True)
         save_file(contexts, str(ckpt / "contexts.safetensors"))
-        log(f"greedy continuations: {len(eval_ids)} held-out, {len(contexts.get('train_ids', []))} training "
-            f"({time.perf_counter() - t0:.0f} s)")
         state = {"settings": s, "data": data_record, "step": 0, "losses": [], "evals": [],
                  "minutes_trained": 0.0}
-    evaluation = teacher_inputs(target, contexts["eval_ids"])
+    evaluation = teacher_inputs(target, contexts["eval_ids"], progress=Phase(log, "held-out teacher", "rows"))
     evaluation["first"] = contexts["eval_first"]
 
-    def evaluate() -> list[float]:
+    def evaluate(name: str = "held-out evaluation") -> list[float]:
         drafter.eval()
-        acc = acceptance_per_position(drafter, target, evaluation, s["eval_steps"])
+        acc = acceptance_per_position(drafter, target, evaluation, s["eval_steps"], progress=Phase(log, name, "rows"))
         drafter.train()
         return acc
 
     if not saved_state:
-        state["before"] = evaluate()
+        state["before"] = evaluate("held-out evaluation before training")
         state["evals"].append({"step": 0, "acceptance_per_position": state["before"]})
         log("held-out acceptance per position before: " + " ".join(f"{a:.3f}" for a in state["before"]))
         prompt = [int(t) for t in contexts["eval_ids"][0, : int(contexts["eval_first"][0]) + 1]]
         if s["drafter_cost"] is None:
+            log("measuring step costs (target decode, drafter step, verify passes) ...")
             state["costs"] = step_costs(target, drafter, prompt, s["eval_steps"])
         else:
             state["costs"] = {"drafter_cost": s["drafter_cost"], "verify_cost": {}}
@@ -501,7 +523,8 @@ def run(args: argparse.Namespace) -> int:
     # the drafter that ships: its weights rounded to the saved dtype, evaluated as such
     drafter.requires_grad_(False).eval()
     round_to(drafter, save_dtype)
-    after = acceptance_per_position(drafter, target, evaluation, s["eval_steps"])
+    after = acceptance_per_position(drafter, target, evaluation, s["eval_steps"],
+                                    progress=Phase(log, f"final evaluation ({save_dtype})", "rows"))
     verify_cost = {int(k): v for k, v in state["costs"]["verify_cost"].items()}
     speed_before = predicted_speedups(state["before"], state["costs"]["drafter_cost"], verify_cost)
     speed_after = predicted_speedups(after, state["costs"]["drafter_cost"], verify_cost)
@@ -529,7 +552,8 @@ def run(args: argparse.Namespace) -> int:
         drafters = {"after": drafter}
         if s["init"] != "scratch":  # the drafter as it was before training
             drafters = {"before": load_drafter(s["init"], target=target, device=target.device), **drafters}
-        report["loop_check"] = loop_check(target, drafters, prompts, best, s["loop_new_tokens"])
+        report["loop_check"] = loop_check(target, drafters, prompts, best, s["loop_new_tokens"],
+                                          progress=Phase(log, "loop check (speculative.generate)", "runs"))
         log(f"loop check: {json.dumps({k: v for k, v in report['loop_check'].items() if isinstance(v, dict)})}")
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"saved {out}: num_assistant_tokens = {best}")
@@ -572,6 +596,27 @@ def train_loop(drafter, target, optimizer, gen, stream, greedy_ids, greedy_rows,
         if state["step"] % s["save_every"] == 0 or state["step"] == steps:
             save_state(ckpt, drafter, optimizer, gen, state)
     bar.close()
+
+
+class Phase:
+    """Progress of one phase as lines on stderr (through `log`): called as `phase(done, total)` while it runs, it
+    writes a line at every tenth of the total it passes, with the rate and the time left, and one at the end."""
+
+    def __init__(self, log, name: str, unit: str):
+        self.log, self.name, self.unit = log, name, unit
+        self.start, self.shown = time.perf_counter(), 0
+
+    def __call__(self, done: float, total: float) -> None:
+        tenth = int(10 * done / total) if total else 10
+        if tenth <= self.shown and done < total:
+            return
+        if done >= total and self.shown == 11:
+            return
+        self.shown = 11 if done >= total else tenth
+        elapsed = time.perf_counter() - self.start
+        left = elapsed * (total - done) / done if done else float("nan")
+        self.log(f"{self.name}: {done:.0f}/{total:.0f} {self.unit}, {elapsed:.0f} s"
+                 + (f", about {left:.0f} s left" if done < total else ""))
 
 
 class progress:

@@ -19,6 +19,7 @@ import torch
 from drafter import training
 from gemma4 import KVView
 from speculative import generate
+from tests.tiny import PAIRS
 from weights import load_drafter, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def pair(tmp_path_factory, checkpoint, drafter_checkpoint):
             target = root / f"target-{family}"
             shutil.copytree(checkpoint(family), target)
             (target / "tokenizer.model").write_bytes(tokenizer)
-            made[family] = (target, drafter_checkpoint(family), data)
+            made[family] = (target, drafter_checkpoint(PAIRS[family]), data)
         return made[family]
 
     return make
@@ -280,6 +281,177 @@ def test_optimizer_state_round_trips_through_safetensors():
     for a, b in zip(opt.state.values(), fresh.state.values()):
         for key in a:
             assert torch.equal(a[key], b[key])
+
+
+# ---- scratch drafters for every target geometry (issue #23, item 2) -------------------------------------------------
+# The attention geometry of the released targets' config.json (text_config): query heads, KV heads per attention
+# type, head dims, the layer pattern. Each geometry is checked at its real hidden size, and run shrunk (hidden 64,
+# vocab 512, 6 layers of the same pattern: the head layout, which is what a drafter must match, is unchanged).
+_S, _F = "sliding_attention", "full_attention"
+RELEASED = {
+    "E2B": dict(hidden_size=1536, num_attention_heads=8, num_key_value_heads=1, head_dim=256, global_head_dim=512,
+                attention_k_eq_v=False, layer_types=[_S] * 4 + [_F]),
+    "E4B": dict(hidden_size=2560, num_attention_heads=8, num_key_value_heads=2, head_dim=256, global_head_dim=512,
+                attention_k_eq_v=False, layer_types=[_S] * 5 + [_F]),
+    "31B": dict(hidden_size=5376, num_attention_heads=32, num_key_value_heads=16, num_global_key_value_heads=4,
+                head_dim=256, global_head_dim=512, attention_k_eq_v=True, layer_types=[_S] * 5 + [_F]),
+    "26B-A4B": dict(hidden_size=2816, num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2,
+                    head_dim=256, global_head_dim=512, attention_k_eq_v=True, layer_types=[_S] * 5 + [_F],
+                    enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704),
+}
+SIZES = [1, 32, 64, 128, 256, 512, 1024, 2048]  # --size values: every one must give a valid drafter
+
+
+def _geometries():
+    from tests.tiny import TARGET_CONFIGS
+
+    out = {}
+    for name, geometry in RELEASED.items():
+        out[name] = dict(vocab_size=262144, intermediate_size=4 * geometry["hidden_size"], sliding_window=512,
+                         num_hidden_layers=len(geometry["layer_types"]), hidden_size_per_layer_input=0,
+                         vocab_size_per_layer_input=0, num_kv_shared_layers=0, **geometry)
+    out.update({f"tiny-{family}": dict(config) for family, config in TARGET_CONFIGS.items()})
+    return out
+
+
+GEOMETRIES = _geometries()
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_scratch_drafter_fits_every_target_geometry_at_every_size(name):
+    """The derived config passes the compatibility check for every size, with a head count that every KV-head
+    count of the target divides; on today's code 31B and 26B-A4B at --size 256 got 4 query heads over 16 / 8 KV."""
+    from drafter import DrafterConfig, check_compatible
+    from gemma4 import Gemma4Config
+
+    target = Gemma4Config.from_dict({"model_type": "gemma4_text", **GEOMETRIES[name]})
+    for size in SIZES:
+        config = training.scratch_config(target, size)
+        drafter = DrafterConfig.from_dict(config)
+        check_compatible(drafter, target)  # raises IncompatibleDrafterError naming the mismatch
+        heads = drafter.text.num_attention_heads
+        assert all(heads % target.layers[i].num_kv_heads == 0 for i in target.export_layer.values())
+        assert drafter.text.hidden_size == size and heads <= target.num_attention_heads
+        if size == 256 and name in RELEASED:  # the released drafters' ratio where the KV heads allow it
+            assert heads == {"E2B": 4, "E4B": 4, "31B": 16, "26B-A4B": 8}[name]
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_scratch_drafter_forward_equals_transformers_on_every_geometry(name):
+    """One draft step of a scratch drafter (--size 256 and 32) over a target of that geometry (shrunk to hidden 64):
+    our logits equal transformers' Gemma4AssistantForCausalLM built from the same config.json and weights."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
+
+    from drafter import Drafter, DrafterConfig
+    from gemma4 import Gemma4Config, Gemma4Model
+
+    geometry = dict(GEOMETRIES[name], hidden_size=64, intermediate_size=128, vocab_size=512, sliding_window=8)
+    if name in RELEASED:
+        geometry.update(moe_intermediate_size=32, num_experts=8, top_k_experts=2)
+    gen = torch.Generator().manual_seed(0)
+    target = Gemma4Model(Gemma4Config.from_dict({"model_type": "gemma4_text", **geometry})).eval()
+    training.init_weights(target, gen, std=0.1)
+    seq = torch.randint(0, 512, (1, 12), generator=gen)
+    teacher = training.teacher_inputs(target, seq)
+    p = 11
+    for size in (32, 256):
+        config = training.scratch_config(target.config, size)
+        ours = Drafter(DrafterConfig.from_dict(config)).eval()
+        training.init_weights(ours, gen, std=0.1)
+        theirs = Gemma4AssistantForCausalLM(Gemma4AssistantConfig.from_dict(config)).eval()
+        theirs.config._attn_implementation = "eager"
+        theirs.load_state_dict(ours.state_dict(), strict=False)
+        views = {t: KVView(k[:, :, :p], v[:, :, :p], torch.arange(p)) for t, (k, v) in teacher["kv"].items()}
+        with torch.no_grad():
+            got = ours.step(target, seq[:, p:], teacher["hidden"][:, p - 1 : p], p, views).logits
+            want = theirs(inputs_embeds=torch.cat([target.embed(seq[:, p:]), teacher["hidden"][:, p - 1 : p]], -1),
+                          position_ids=torch.tensor([[p]]),
+                          shared_kv_states={t: (k[:, :, :p], v[:, :, :p]) for t, (k, v) in teacher["kv"].items()}
+                          ).logits
+        assert got.shape == (1, 1, 512)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["e4b", "31b"])
+def test_scratch_run_on_a_target_with_several_kv_heads(family, pair, tmp_path):
+    """--init scratch --size 32 end to end where the target has 2 KV heads (today's code gave 1 query head)."""
+    target_dir, _, data = pair(family)
+    assert run(target_dir, data, tmp_path / "out", "--init", "scratch", "--size", "32") == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    assert config["hidden_size"] == 32 and config["num_attention_heads"] == 2
+    load_drafter(tmp_path / "out", target=load_target(target_dir))  # the compatibility check passes
+
+
+def test_scratch_size_is_checked_before_the_target_loads(pair, tmp_path, capsys, monkeypatch):
+    target_dir, _, data = pair("e2b")
+    monkeypatch.setattr(train_drafter, "load_target", lambda *a, **k: pytest.fail("the target was loaded"))
+    assert run(target_dir, data, tmp_path / "out", "--init", "scratch", "--size", "0") == 2
+    assert "--size must be at least 1" in capsys.readouterr().err
+    # a layout that fails the check stops before loading too, naming the mismatch
+    monkeypatch.setattr(train_drafter, "scratch_config", lambda cfg, size, raw=None: {
+        **training.scratch_config(cfg, size, raw), "backbone_hidden_size": 7})
+    assert run(target_dir, data, tmp_path / "out", "--init", "scratch", "--size", "32") == 2
+    err = capsys.readouterr().err
+    assert "--init scratch --size 32: drafter does not fit the target" in err and "backbone_hidden_size=7" in err
+
+
+# ---- threads and progress (issue #23, item 7), data errors (item 8) -------------------------------------------------
+def test_default_threads_are_generate_py_s_and_every_phase_reports_progress(pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import generate  # the module train_drafter.py imports default_threads from
+
+    target_dir, drafter_dir, data = pair("e2b")
+    seen = []
+    real = train_drafter.load_target
+
+    class Stop(Exception):
+        pass
+
+    def load_target(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        if len(seen) == 1:
+            raise Stop  # the first run only shows its thread count
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_drafter, "load_target", load_target)
+    monkeypatch.setattr(generate.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the thread count a caller had set: restored after each run
+    try:
+        for busy in (0, 64):  # no other process busy: both cores; the machine busy: 1 thread
+            monkeypatch.setattr(generate, "busy_elsewhere", lambda busy=busy: busy)
+            expected = generate.default_threads()
+            assert expected == (2 if busy == 0 else 1)
+            try:
+                assert run(target_dir, data, tmp_path / f"out{busy}", "--init", str(drafter_dir), "--greedy-seqs",
+                           "16", "--loop-prompts", "1", "--loop-new-tokens", "6") == 0
+            except Stop:
+                pass
+            assert seen[-1] == expected
+            assert torch.get_num_threads() == 2  # restored for callers in the same process
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    for phase in ("loading target", "greedy continuations of held-out prompts: 4/4 rows",
+                  "greedy continuations of training prompts: 16/16 rows", "held-out teacher: 4/4 rows",
+                  "held-out evaluation before training: 4/4 rows", "step 4/4", "final evaluation",
+                  "loop check (speculative.generate): 3/3 runs"):
+        assert phase in err, phase
+    # the greedy phase reports while it runs, not only at its end
+    partial = [line for line in err.splitlines() if "greedy continuations of training prompts:" in line
+               and "16/16" not in line]
+    assert partial and "left" in partial[0]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_non_utf8_data_names_the_file(suffix, pair, tmp_path, capsys):
+    target_dir, drafter_dir, _ = pair("e2b")
+    bad = tmp_path / f"latin1{suffix}"
+    bad.write_bytes(('{"text": "caf\u00e9"}\n' if suffix == ".jsonl" else "fine\n").encode()
+                    + "na\u00efve\n".encode("latin-1"))
+    assert run(target_dir, bad, tmp_path / "out", "--init", str(drafter_dir)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"train_drafter.py: error: --data {bad}: not UTF-8 text"), err
 
 
 if __name__ == "__main__":
