@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import FULL, SLIDING, Gemma4Config
+from .generic import Causal, generic
 from .kernels import KEY_BLOCK, additive_mask
 
 # Ring slots beyond the W - 1 positions a target query reads: room for a drafter's longer history (the released
@@ -72,10 +73,11 @@ class KVView:
 @dataclass(frozen=True)
 class Step:
     """What one forward over S new tokens of b rows needs from the cache: each row's positions and, per attention
-    type, the additive mask [b, S, T] (0 or -inf) over the keys that layer type will attend to."""
+    type, the additive mask [b, S, T] (0 or -inf) over the keys that layer type will attend to (on the generic
+    path a prefill from position 0 gets a `Causal` description instead)."""
 
     positions: torch.Tensor  # [b, S] int64
-    masks: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor | Causal]
 
 
 @dataclass(frozen=True)
@@ -162,11 +164,13 @@ class KVCache:
         positions = start + torch.arange(num_new, device=self.device)  # [b, S]
         self._keys = self._full_size if self.static else padded(max(ends))
         self._grow(padded(max(ends)))
-        masks: dict[str, torch.Tensor] = {}
+        masks: dict[str, torch.Tensor | Causal] = {}
         q = positions[:, :, None]  # [b, S, 1]
+        # A prefill from position 0 on the generic path: masks described, not materialised (gemma4/generic.py)
+        causal = max(starts) == 0 and generic(positions)
         if FULL in self.config.layer_types:  # keys [0, padded(end)): the padding (zeros or stale) is masked
             key_pos = torch.arange(self._keys, device=self.device)
-            masks[FULL] = additive_mask(key_pos <= q, self.dtype)
+            masks[FULL] = Causal(num_new) if causal else additive_mask(key_pos <= q, self.dtype)
         # every row writes the same positions: plain slices (not in a static cache: a slice's bounds would be
         # constants of a compiled graph)
         self._uniform = len(set(starts)) == 1 and not self.static
@@ -187,7 +191,11 @@ class KVCache:
             else:
                 key_pos = torch.cat([old, positions], dim=1)
             key_pos = key_pos[:, None, :]  # [b, 1, T]
-            masks[SLIDING] = additive_mask((key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window), self.dtype)
+            if causal and not self._ring_path:  # keys: this prefill's own tokens, in order
+                masks[SLIDING] = Causal(num_new, window=self.window)
+            else:
+                visible = (key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window)
+                masks[SLIDING] = additive_mask(visible, self.dtype)
         for b, end in enumerate(ends, start=rows.start):
             self._floors[b] = max(self._floors[b], end - self.capacity)
             self.lengths[b] = end

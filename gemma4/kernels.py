@@ -12,13 +12,17 @@ Why these promises matter: greedy speculative decoding gives exactly the target-
 logits are the same bits whether the position is computed alone (a one-token decode), as one row of a verify pass
 (k + 1 rows), or inside a batch. BLAS and SDPA kernels do not promise that; the paths below do, and
 tests/test_layers.py and tests/test_dtype_equivalence.py check them bit for bit. Off the CPU (CUDA) every function
-takes its reference definition.
+takes the generic path (`generic.py`: the reference definitions, and SDPA called so that it runs a fused kernel),
+which CPU runs take too inside `generic_path()`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import generic as _generic
+from .generic import generic, generic_path  # noqa: F401  (generic_path: the switch tests use)
 
 # CPU products with at most this many tokens and a weight of at least this many elements run as row blocks.
 _FEW_TOKENS = 16
@@ -93,7 +97,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     a copy of [T, 262144] logits costs ~4 ms)."""
     tokens = x.numel() // x.shape[-1]
     out, inp = weight.shape
-    if x.device.type != "cpu" or not weight.is_contiguous():
+    if generic(x) or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     if (x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -151,7 +155,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     is copied first: torch runs the loop per contiguous row, with a tail in every row. Real Gemma 4 widths fill
     whole chunks."""
     n = x.numel()
-    if n % _VECTOR_CHUNK == 0 and x.is_contiguous():
+    if generic(x) or n % _VECTOR_CHUNK == 0 and x.is_contiguous():
         return F.gelu(x, approximate="tanh")
     flat = torch.cat([x.reshape(-1), x.new_zeros(_VECTOR_CHUNK - n % _VECTOR_CHUNK)])
     return F.gelu(flat, approximate="tanh")[:n].view(x.shape)
@@ -184,7 +188,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     On CPU, up to `INVARIANT_QUERY_ROWS` query rows take `_attend_rows`: greedy speculative decoding is exact only
     if a position's attention gives the same bits in a one-token decode and in a row of a verify pass, and SDPA's
-    CPU kernel gives neither (its products and sums change with the number of rows and of keys)."""
+    CPU kernel gives neither (its products and sums change with the number of rows and of keys). Off the CPU
+    (and inside `generic_path()`), `generic.attend`; there mask may also be a `generic.Causal`."""
+    if generic(q):
+        return _generic.attend(q, k, v, mask)
     if mask is not None and mask.dim() == 2:
         mask = mask[None]
     if q.device.type == "cpu" and q.shape[2] <= INVARIANT_QUERY_ROWS:

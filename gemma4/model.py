@@ -16,6 +16,7 @@ from torch import nn
 
 from .cache import KVCache, Step
 from .config import Gemma4Config, LayerSpec
+from .generic import last_rows
 from .kernels import gelu_tanh, linear
 from .layers import MLP, Attention, Linear, RMSNorm, rope_cos_sin
 from .moe import Experts, Router
@@ -146,7 +147,7 @@ class Gemma4Model(nn.Module):
             if spec.index == self.kv_shared_from and keep < S:  # from here on only the kept rows matter
                 x, ple = x[:, -keep:], ple[:, -keep:] if ple is not None else None
                 rope = {t: (cos[:, -keep:], sin[:, -keep:]) for t, (cos, sin) in rope.items()}
-                masks = {t: m[:, -keep:] for t, m in masks.items()}
+                masks = {t: last_rows(m, keep) for t, m in masks.items()}
             t = spec.attention_type
             x = layer(x, *rope[t], masks[t], cache, shared, ple[:, :, spec.index] if ple is not None else None)
         h = self.norm(x[:, -keep:])  # [B, keep, H]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import Gemma4Config
-from .kernels import gelu_tanh, linear
+from .kernels import gelu_tanh, generic, linear
 from .layers import Linear, RMSNorm
 
 
@@ -46,7 +46,7 @@ class Experts(nn.Module):
         Experts are visited in ascending id and accumulated with index_add_, which keeps fp32 sums bit-equal to
         transformers. The loop visits only experts some token chose (one host sync for the list)."""
         if torch.compiler.is_compiling():
-            return self.dense(x, weights, experts)
+            return self.gathered(x, weights, experts) if generic(x) else self.dense(x, weights, experts)
         out = torch.zeros_like(x)
         for e in experts.unique().tolist():
             token, slot = torch.where(experts == e)
@@ -67,4 +67,21 @@ class Experts(nn.Module):
             gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
             y = linear(gelu_tanh(gate) * up, self.down_proj[e])  # [T, H]
             out += (y * chosen[:, e, None]).to(out.dtype)
+        return out
+
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """`forward` without data-dependent shapes that reads only the chosen experts' weights: the torch.compile
+        path of the generic path (a GPU). Each token's k chosen experts are gathered ([T, k, 2I, H] and [T, k, H,
+        I]) and applied as batched products; a token's k outputs are summed in ascending expert id, the loop's
+        order. The products are batched matrix-vector products, not the loop's F.linear over a group of tokens, so
+        the result equals the loop's within float rounding (tests/test_generic_path.py), not bit for bit. Reads
+        T * k expert matrices: a decode step of 26B-A4B 8 of 128 per layer, where `dense` reads all 128."""
+        order = experts.argsort(dim=-1)  # [T, k]
+        experts, weights = experts.gather(1, order), weights.gather(1, order)  # ascending expert id
+        gate_up = torch.matmul(self.gate_up_proj[experts], x[:, None, :, None]).squeeze(-1)  # [T, k, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch.matmul(self.down_proj[experts], (gelu_tanh(gate) * up)[..., None]).squeeze(-1)  # [T, k, H]
+        out = torch.zeros_like(x)
+        for slot in range(experts.shape[1]):
+            out = out + (y[:, slot] * weights[:, slot, None]).to(out.dtype)
         return out

@@ -1,0 +1,232 @@
+"""The generic path (gemma4/generic.py: what a CUDA device runs) on the CPU, inside `generic_path()`.
+
+What the generic path promises, and these tests assert: logits within float rounding of transformers (float32
+1e-4); SDPA called so that a GPU can run a fused kernel (no math fallback: checked against the rules of
+`fused_backends`), without materialising [S, T] masks for a prefill from position 0; the MoE under torch.compile
+reading only the chosen experts; greedy tokens of the loop, a batch, a chat turn and the compiled loop equal to
+target-only greedy tokens *up to the first near-tie*. What it does not promise: a row's bits independent of the other
+rows (F.linear and SDPA choose their kernels by shape), so greedy speculative output can differ from target-only
+output after a position where the two best logits are within rounding of each other. The tests measure how often
+(printed with -s); scripts/gpu_check.py measures it on a GPU.
+
+Oracles: transformers 5.24.0 (eager attention), attention computed in float64 from its definition, the eager
+expert loop, and target-only greedy output with the target's own logit margins.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gemma4 import generic, kernels
+from gemma4.generic import Causal, fused_backends, generic_path
+from speculative import generate, generate_batch
+from tests import tiny
+from weights import load_drafter, load_target
+
+TOL = 1e-4
+# Largest target-only logit margin (best minus second best) at which a generic-path run may pick the other token:
+# logits differ between a decode and a verify row by float rounding (measured on these models: float32 < 1e-5,
+# bfloat16 < 0.07 in logits of up to 30).
+NEAR_TIE = {torch.float32: 1e-3, torch.bfloat16: 0.25}
+
+
+@pytest.fixture(autouse=True)
+def _generic():
+    with generic_path():
+        yield
+
+
+def _ids(n, seed=0, vocab=512):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the switch ----------------------------------------------------------------------------------------------
+
+def test_the_switch_makes_cpu_products_and_gelu_the_reference_definitions():
+    """Inside generic_path() CPU products are F.linear and GELU is F.gelu bit for bit (the CPU paths are oneDNN
+    in bfloat16, row blocks in float32, a padded GELU: other bits); outside it they are not."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 128, generator=gen).bfloat16()
+    x = torch.randn(1, 128, generator=gen).bfloat16()
+    g = torch.randn(3, 37, generator=gen)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    assert torch.equal(kernels.gelu_tanh(g), F.gelu(g, approximate="tanh"))
+    with generic_path(False):
+        assert not generic.generic(x)
+        assert torch.equal(kernels.linear(x.expand(2, -1), w)[:1], kernels.linear(x, w))  # the CPU path's promise
+    assert generic.generic(x)
+
+
+# ---- parity with transformers ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(tiny.TARGET_CONFIGS))
+def test_logits_match_transformers_prefill_and_chunked_decoding(family, target_pair):
+    """A prefill of 40 tokens from position 0 (`Causal` masks: SDPA's causal full layers, blockwise sliding
+    layers, W = 8), a prefill keeping 3 rows, and decoding in chunks (masked, folded heads) over a cache."""
+    hf, ours = target_pair(family)
+    ids = torch.cat([_ids(40, 1), _ids(40, 2)])
+    with torch.no_grad():
+        ref = hf(ids).logits
+        full = ours(ids).logits
+        kept = ours(ids, logits_to_keep=3).logits
+        cache = ours.new_cache(batch_size=2, max_length=4)
+        rows, start = [], 0
+        for n in [11, 1, 1, 5, 2, 20]:
+            rows.append(ours(ids[:, start:start + n], cache).logits)
+            start += n
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(full, ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(kept, ref[:, -3:], atol=TOL, rtol=0)
+    torch.testing.assert_close(torch.cat(rows, 1), ref, atol=TOL, rtol=0)
+
+
+# ---- attention: fused kernels, no materialised masks, numerics -----------------------------------------------
+
+def reference_attention(q, k, v, visible):
+    """softmax(q k^T masked) v in float64 from the definition, GQA by repeating K/V; visible [b, S, T] bool."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ k.transpose(-1, -2)
+    s = s.masked_fill(~visible[:, None], float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+class Calls:
+    """Every SDPA call of the generic path: its fused kernels by `fused_backends` and its mask's size."""
+
+    def __init__(self, monkeypatch):
+        self.backends, self.mask_elements = [], []
+        original = generic.sdpa
+
+        def record(q, k, v, mask=None, *, is_causal=False, enable_gqa=False):
+            self.backends.append(fused_backends(q, k, mask, is_causal=is_causal, enable_gqa=enable_gqa))
+            self.mask_elements.append(0 if mask is None else mask.numel())
+            return original(q, k, v, mask, is_causal=is_causal, enable_gqa=enable_gqa)
+
+        monkeypatch.setattr(generic, "sdpa", record)
+
+
+def test_the_old_call_for_head_dim_512_had_only_the_math_kernel():
+    """The trap, stated by the rules: SDPA(enable_gqa=True) with head_dim 512 and a mask (what `attend` called on
+    CUDA before) leaves no fused kernel; without grouped heads the memory-efficient kernel takes it."""
+    q = torch.zeros(1, 8, 5, 512, dtype=torch.bfloat16)
+    k = torch.zeros(1, 1, 256, 512, dtype=torch.bfloat16)
+    mask = torch.zeros(1, 1, 5, 256, dtype=torch.bfloat16)
+    assert fused_backends(q, k, mask, enable_gqa=True) == set()
+    assert fused_backends(q.reshape(1, 1, 40, 512), k, mask) == {"efficient"}
+    assert fused_backends(q[:, :, :, :256], k[:, :, :5, :256], None, is_causal=True, enable_gqa=True) == {"flash"}
+
+
+ATTENTION_CASES = [  # name, S, T, mask builder (q positions first .. first + S - 1)
+    ("decode", 1, 512, "cache"), ("verify", 9, 512, "cache"), ("long masked", 80, 256, "cache"),
+    ("causal prefill", 40, 256, Causal(40)), ("causal kept rows", 3, 256, Causal(40).last(3)),
+    ("window prefill", 50, 50, Causal(50, window=8)), ("short window prefill", 12, 12, Causal(12, window=8)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 1, 512), (8, 2, 512), (4, 2, 256), (4, 4, 32)])
+@pytest.mark.parametrize("name,S,T,mask", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
+def test_attention_runs_fused_kernels_without_full_masks_and_matches_the_definition(
+        name, S, T, mask, heads, kv_heads, head_dim, dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(S * 7 + head_dim)
+    q = torch.randn(2, heads, S, head_dim, generator=gen).to(dtype) / head_dim**0.25
+    k = torch.randn(2, kv_heads, T, head_dim, generator=gen).to(dtype) / head_dim**0.25
+    v = torch.randn(2, kv_heads, T, head_dim, generator=gen).to(dtype)
+    if isinstance(mask, Causal):
+        visible = mask.visible(T, q.device)
+    else:  # a cache step: queries at T - 100 - S .. ; keys past them and a few early ones hidden (a ring's gaps)
+        pos = torch.arange(T - 100 - S, T - 100)[:, None]
+        keys = torch.arange(T)[None]
+        visible = ((keys <= pos) & (keys % 7 != 3))[None].expand(2, -1, -1)
+        mask = kernels.additive_mask(visible, dtype)
+    calls = Calls(monkeypatch)
+    out = kernels.attend(q, k, v, mask)
+    ref = reference_attention(q, k, v, visible)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
+    assert calls.backends and all(calls.backends), f"{name}: a call only the math kernel takes: {calls.backends}"
+    if dtype == torch.bfloat16 and head_dim <= 256 and mask == Causal(S):  # flash where it applies
+        assert all("flash" in b for b in calls.backends)
+    if isinstance(mask, Causal) and mask.first == 0:  # no [S, T] mask: none at all, or O(S W) for a window
+        W = mask.window
+        if W is None or W >= S:
+            limit = 0
+        elif S > 2 * W:
+            limit = 2 * -(-S // W) * W * 2 * W  # [B * blocks, 1, W, 2W]
+        else:  # a prompt of at most 2W tokens: a small mask [S, S] (per folded head)
+            limit = heads * S * S
+        assert max(calls.mask_elements) <= limit, calls.mask_elements
+
+
+def test_a_prefill_from_position_0_describes_its_masks_and_decoding_steps_materialise_small_ones():
+    from gemma4 import FULL, SLIDING, KVCache
+
+    config = load_target(tiny.save(tiny.build_target("e2b", seed=0), __import__("tempfile").mkdtemp())).config
+    step = KVCache(config, max_length=300).begin(200)
+    assert step.masks[FULL] == Causal(200) and step.masks[SLIDING] == Causal(200, window=8)
+    cache = KVCache(config, max_length=300)
+    cache.begin(3)
+    step = cache.begin(5)  # a decode step: small [1, 5, T] masks
+    assert all(isinstance(m, torch.Tensor) and m.shape[-2] == 5 for m in step.masks.values())
+    with generic_path(False):  # the CPU path keeps its tensors
+        assert isinstance(KVCache(config, max_length=300).begin(200).masks[FULL], torch.Tensor)
+
+
+# ---- the MoE under torch.compile ------------------------------------------------------------------------------
+
+@functools.cache
+def moe_layer():
+    target = load_target(tiny.save(tiny.build_target("moe", seed=0), __import__("tempfile").mkdtemp()))
+    return target.layers[0]
+
+
+def routed(layer, tokens: int, seed: int = 0):
+    x = torch.randn(tokens, layer.router.proj.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    weights, experts = layer.router(x)
+    return x, weights, experts
+
+
+def test_gathered_experts_read_only_the_chosen_ones_and_equal_the_loop():
+    """Unchosen experts' weights set to NaN: the gathered path never touches them (dense would multiply them by
+    0: NaN), and it equals the eager loop within float32 rounding."""
+    experts_module = moe_layer().experts
+    x, weights, experts = routed(moe_layer(), 5)
+    with torch.no_grad():
+        loop = experts_module(x, weights, experts)
+        saved = experts_module.gate_up_proj.clone(), experts_module.down_proj.clone()
+        unchosen = torch.ones(experts_module.gate_up_proj.shape[0], dtype=torch.bool)
+        unchosen[experts.unique()] = False
+        assert unchosen.any()
+        experts_module.gate_up_proj[unchosen] = float("nan")
+        experts_module.down_proj[unchosen] = float("nan")
+        try:
+            out = experts_module.gathered(x, weights, experts)
+            assert experts_module.dense(x, weights, experts).isnan().all()
+        finally:
+            experts_module.gate_up_proj.copy_(saved[0])
+            experts_module.down_proj.copy_(saved[1])
+    assert loop.abs().max() > 0.01
+    torch.testing.assert_close(out, loop, atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_experts_take_the_gathered_path_on_the_generic_path():
+    experts_module = moe_layer().experts
+    x, weights, experts = routed(moe_layer(), 1, seed=3)
+    torch._dynamo.reset()
+    compiled = torch.compile(experts_module, fullgraph=True)
+    with torch.no_grad():
+        loop = experts_module(x, weights, experts)
+        unchosen = torch.ones(experts_module.gate_up_proj.shape[0], dtype=torch.bool)
+        unchosen[experts.unique()] = False
+        saved = experts_module.gate_up_proj.clone()
+        experts_module.gate_up_proj[unchosen] = float("nan")
+        try:
+            out = compiled(x, weights, experts)
+        finally:
+            experts_module.gate_up_proj.copy_(saved)
+    torch.testing.assert_close(out, loop, atol=1e-6, rtol=1e-5)
