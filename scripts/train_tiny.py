@@ -251,7 +251,7 @@ def drafter_config_json(dtype: str) -> dict:
 def save_checkpoint(folder: Path, model: torch.nn.Module, prefix: str, config: dict, generation: dict,
                     tokenizer: bytes, dtype: torch.dtype) -> None:
     """config.json, model.safetensors (checkpoint key = prefix + module name; tied heads are not stored),
-    generation_config.json and the tokenizer files."""
+    generation_config.json and the tokenizer files (tokenizer.model and the same tokenizer as tokenizer.json)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {prefix + k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
                for k, v in model.state_dict().items()}
@@ -259,6 +259,9 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, prefix: str, config: d
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (folder / "tokenizer.model").write_bytes(tokenizer)
+    from make_tokenizer_json import tokenizer_json  # this folder's script: the same tokenizer as tokenizer.json
+
+    (folder / "tokenizer.json").write_text(tokenizer_json(folder / "tokenizer.model") + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
          "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}, indent=2) + "\n")

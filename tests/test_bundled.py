@@ -42,7 +42,7 @@ def bundled():
 
 def test_files_fit_the_size_budget():
     sizes = {p.relative_to(BUNDLED).as_posix(): p.stat().st_size for p in BUNDLED.rglob("*") if p.is_file()}
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.model"):
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.model", "tokenizer.json"):
         assert f"target/{name}" in sizes and f"drafter/{name}" in sizes
     assert sum(sizes.values()) <= 30 * 2**20, f"{sum(sizes.values()) / 2**20:.1f} MiB > 30 MiB: {sizes}"
 
@@ -55,6 +55,38 @@ def test_tokenizer_keeps_code_exactly(bundled):
     assert ids[0] == 2 and tokenizer.decode(ids[1:]) == text
     assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id) == (0, 1, 2)
     assert [tokenizer.token_to_id(t) for t in ("<pad>", "<eos>", "<bos>", "<unk>")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("model", ["target", "drafter"])
+def test_tokenizer_json_tokenizes_as_tokenizer_model(model):
+    """The shipped tokenizer.json (scripts/make_tokenizer_json.py; what load_tokenizer reads when both are present)
+    gives the ids and text that sentencepiece gives with tokenizer.model, on code, prose, whitespace runs, digits,
+    special-token strings, byte-fallback characters and slices of this repository's source. Oracle: the
+    sentencepiece library itself, control pieces in the text split off first (as our backend does)."""
+    import random
+    import re
+
+    import sentencepiece
+
+    folder = BUNDLED / model
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    ours = load_tokenizer(folder)
+    assert type(ours._backend).__name__ == "_TokenizersBackend"  # tokenizer.json wins when both are present
+    texts = PROMPTS + ["", " ", "   \n\n    \t  trailing   ", "x = 12345 + 6.78e-9", "<bos>a<eos> b<pad>c<unk>",
+                       "naïve café — 日本語 🤖 👩‍💻\u00a0\u200b\x00", "\r\n\t\t  # ünïcode ✓"]
+    source = "".join(p.read_text() for p in sorted((BUNDLED.parent / "speculative").glob("*.py")))
+    rnd = random.Random(0)
+    for _ in range(100):
+        start = rnd.randrange(len(source))
+        texts.append(source[start:start + rnd.randrange(1, 300)])
+    texts.append("".join(chr(rnd.randrange(32, 0x3000)) for _ in range(200)))
+    control = re.compile("(<pad>|<eos>|<bos>)")
+    for text in texts:
+        parts = control.split(text)
+        expected = [i for k, part in enumerate(parts) for i in ([sp.piece_to_id(part)] if k % 2 else sp.encode(part))]
+        ids = ours.encode(text)
+        assert ids == expected, text
+        assert ours.decode(ids) == text
 
 
 def test_generation_configs():
