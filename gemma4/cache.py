@@ -149,9 +149,11 @@ class KVCache:
         return self.lengths[0]
 
     # ---- the forward pass ------------------------------------------------------------------------------------
-    def begin(self, num_new: int, rows: slice | None = None) -> Step:
+    def begin(self, num_new: int, rows: slice | None = None, blocks: torch.Tensor | None = None) -> Step:
         """Reserve positions [length_b, length_b + num_new) of each row b in `rows` (default: all) and build the
-        per-type masks for this forward."""
+        per-type masks for this forward. `blocks` [b, num_new]: the image each new position belongs to (-1: text;
+        `gemma4.model.image_blocks`); sliding layers then let a position see every position of its own image,
+        later ones too (within the window), as a model with `use_bidirectional_attention: "vision"` was trained."""
         rows = slice(0, self.batch_size) if rows is None else rows
         starts = self.lengths[rows]
         ends = [s + num_new for s in starts]
@@ -191,11 +193,17 @@ class KVCache:
             else:
                 key_pos = torch.cat([old, positions], dim=1)
             key_pos = key_pos[:, None, :]  # [b, 1, T]
-            if causal and not self._ring_path:  # keys: this prefill's own tokens, in order
+            if causal and not self._ring_path and blocks is None:  # keys: this prefill's own tokens, in order
                 masks[SLIDING] = Causal(num_new, window=self.window)
             else:
-                visible = (key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window)
-                masks[SLIDING] = additive_mask(visible, self.dtype)
+                seen = key_pos <= q  # [b, S, T]
+                if blocks is not None:  # or in the query's image: a key's image is looked up among this step's
+                    offset = key_pos - start[:, :, None]  # [b, 1, T]
+                    ours = (offset >= 0) & (offset < num_new)
+                    key_block = blocks.gather(1, offset.clamp(0, num_new - 1)[:, 0])[:, None]  # [b, 1, T]
+                    query_block = blocks[:, :, None]  # [b, S, 1]
+                    seen = seen | (ours & (key_block == query_block) & (query_block >= 0))
+                masks[SLIDING] = additive_mask((key_pos >= 0) & seen & (key_pos > q - self.window), self.dtype)
         for b, end in enumerate(ends, start=rows.start):
             self._floors[b] = max(self._floors[b], end - self.capacity)
             self.lengths[b] = end

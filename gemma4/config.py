@@ -86,7 +86,8 @@ class Gemma4Config:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | list[int] | None = 1
-    use_bidirectional_attention: str | None = None
+    use_bidirectional_attention: str | None = None  # "vision": sliding layers see a whole image (gemma4/model.py)
+    image_token_id: int | None = None  # multimodal checkpoints: the token image embeddings replace (top level)
 
     # Derived in __post_init__, never read from config.json.
     layers: list[LayerSpec] = field(init=False, repr=False)
@@ -161,8 +162,10 @@ def _top_level_fields(top: dict) -> dict:
     - `eos_token_id`, `bos_token_id`: with no generation_config.json, generation uses
       `GenerationConfig.from_model_config`, which takes each non-null top-level value first and falls back to
       `text_config`'s (the released configs say `eos_token_id: [1, 106]` at the top, `1` in text_config).
+    - `image_token_id`: where image embeddings go in a prompt with images (its default when absent, as there).
     Everything that shapes the math (sizes, rope, softcapping, `pad_token_id`) is read from `text_config` only."""
-    fields = {"tie_word_embeddings": top.get("tie_word_embeddings", True)}
+    fields = {"tie_word_embeddings": top.get("tie_word_embeddings", True),
+              "image_token_id": top.get("image_token_id", 258_880)}
     for name in ("eos_token_id", "bos_token_id"):
         if top.get(name) is not None:
             fields[name] = top[name]

@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache, Step
@@ -114,30 +115,54 @@ class Gemma4Model(nn.Module):
         context = self.per_layer_projection_norm(context.reshape(shape))
         return (context + token) * 2**-0.5
 
+    def embed_prompt(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None):
+        """The first hidden state x0 [B, S, H] and the per-layer inputs [B, S, L, P] (None without PLE).
+
+        With images (docs/gemma4.md, "Images"), as transformers: image tokens are embedded as the padding token,
+        then x0 takes `image_features` [N, H] (the vision model's output, in the order of the image tokens) at
+        their places, unscaled; the per-layer inputs read the padding token's row of their table, and their
+        context part is projected from that x0."""
+        if image_features is not None:
+            is_image = input_ids == self.config.image_token_id  # [B, S]
+            found = int(is_image.sum())
+            if found != image_features.shape[0]:
+                raise ValueError(f"the prompt has {found} image tokens but {image_features.shape[0]} image "
+                                 "embeddings were given")
+            input_ids = input_ids.masked_fill(is_image, self.config.pad_token_id or 0)
+        x = self.embed(input_ids)  # [B, S, H]
+        if image_features is not None:
+            x = x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
+        return x, (self.per_layer_inputs(input_ids, x) if self.config.uses_ple else None)
+
     def forward(
         self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int | None = None,
-        rows: slice | None = None,
+        rows: slice | None = None, image_features: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids: [B, S], B = the cache's batch size, or the number of cache rows in `rows` (a batch prefills
         its prompts one row at a time: `rows=slice(b, b + 1)`). Each row continues at its own cache length.
         `logits_to_keep=k` computes logits and hidden states for the last k positions only: a prefill needs one
         row. That saves the head (the largest matmul) and, with KV sharing, most of the KV-sharing layers (see
-        `kv_shared_from`)."""
+        `kv_shared_from`). `image_features` [N, H]: the embeddings of the N image tokens in input_ids
+        (`embed_prompt`); where the config says `use_bidirectional_attention: "vision"`, sliding layers then also
+        see every position of the same image (`image_blocks`), full layers stay causal."""
         B, S = input_ids.shape
         keep = S if logits_to_keep is None else max(1, min(logits_to_keep, S))
         if cache is None:
             cache = KVCache(self.config, batch_size=B, dtype=self.dtype, device=self.device, max_length=S,
                             max_rollback=0)
-        return self.run_step(input_ids, cache.begin(S, rows), cache, keep)
+        blocks = None
+        if image_features is not None and self.config.use_bidirectional_attention == "vision":
+            blocks = image_blocks(input_ids == self.config.image_token_id)
+        return self.run_step(input_ids, cache.begin(S, rows, blocks), cache, keep, image_features)
 
-    def run_step(self, input_ids: torch.Tensor, step: Step, cache: KVCache, keep: int) -> ModelOutput:
+    def run_step(self, input_ids: torch.Tensor, step: Step, cache: KVCache, keep: int,
+                 image_features: torch.Tensor | None = None) -> ModelOutput:
         """The forward itself, after the cache has reserved the positions (`step`): tensors in, tensors out, no
         decision that depends on a tensor's value. This is what `torch.compile` compiles (speculative/compiled.py):
         the cache's bookkeeping stays in Python, outside the graph."""
         S = input_ids.shape[1]
         masks = step.masks
-        x = self.embed(input_ids)  # [B, S, H]
-        ple = self.per_layer_inputs(input_ids, x) if self.config.uses_ple else None  # [B, S, L, P]
+        x, ple = self.embed_prompt(input_ids, image_features)  # [B, S, H], [B, S, L, P]
         rope = {
             t: rope_cos_sin(step.positions, self.config.rope[t], head_dim, x.dtype)
             for t, head_dim in {s.attention_type: s.head_dim for s in self.config.layers}.items()
@@ -181,3 +206,10 @@ class Gemma4Model(nn.Module):
         return KVCache(self.config, batch_size=batch_size, dtype=self.dtype, device=self.device,
                        max_length=max_length, max_rollback=max_rollback, min_sliding_history=min_sliding_history,
                        static=static, position_slack=position_slack)
+
+
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool (image token) -> [B, S] int64: the index of the image each image token belongs to (a run of
+    consecutive image tokens is one image), -1 for text. transformers' `get_block_sequence_ids_for_mask`."""
+    starts = is_image & ~F.pad(is_image[:, :-1], (1, 0))  # first token of each run
+    return torch.where(is_image, starts.long().cumsum(dim=1) - 1, -1)

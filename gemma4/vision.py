@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
@@ -102,6 +101,20 @@ class VisionConfig:
             raise ConfigError(f"vision_config.head_dim must be a multiple of 4 (two rotary halves), got {self.head_dim}")
 
 
+class VisionRMSNorm(RMSNorm):
+    """RMSNorm computed as transformers writes it, x * (mean(x^2) + eps)^-0.5: the text model's faster form (one
+    `vector_norm`, for decode steps bound by the number of ops) rounds differently, and the encoder's q/k norms over
+    small heads amplify that to ~2e-6 in the features; this form keeps them within ~1e-7. An image is encoded
+    once, so the extra ops cost nothing that matters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
 class ClippedLinear(nn.Module):
     """A linear map without bias that, with `use_clipped_linears`, clamps its input to [input_min, input_max] and
     its output to [output_min, output_max] (scalars stored in the checkpoint). The weight sits one level down
@@ -139,6 +152,21 @@ def rope_2d(grid: tuple[int, int], head_dim: int, theta: float, dtype: torch.dty
     return angles.cos().to(dtype)[:, None], signed.to(dtype)[:, None]
 
 
+QUERY_CHUNK = 1024  # query rows per block of `attend_all`: bounds its scores to nH x 1024 x P
+
+
+def attend_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) v, every key visible, scale 1.0: q, k, v [B, nH, P, d] -> [B, nH, P, d]. Rounded as
+    transformers' eager attention (scores in the model's dtype, softmax in float32): torch's CPU SDPA sums in
+    blocks and moves the features by ~1e-6. Queries run in blocks, so an image of 10,080 patches (a budget of
+    1,120 soft tokens) needs scores for 1,024 of them at a time, not all."""
+    out = torch.empty_like(q)
+    for i in range(0, q.shape[2], QUERY_CHUNK):
+        scores = torch.matmul(q[:, :, i:i + QUERY_CHUNK], k.transpose(-1, -2))  # [B, nH, chunk, P]
+        out[:, :, i:i + QUERY_CHUNK] = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    return out
+
+
 class VisionAttention(nn.Module):
     """Bidirectional self-attention over an image's patches, with q/k norms, an unscaled v_norm and the 2-D RoPE."""
 
@@ -150,9 +178,9 @@ class VisionAttention(nn.Module):
         self.k_proj = ClippedLinear(config, H, kv * d)
         self.v_proj = ClippedLinear(config, H, kv * d)
         self.o_proj = ClippedLinear(config, heads * d, H)
-        self.q_norm = RMSNorm(d, config.rms_norm_eps)
-        self.k_norm = RMSNorm(d, config.rms_norm_eps)
-        self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
+        self.q_norm = VisionRMSNorm(d, config.rms_norm_eps)
+        self.k_norm = VisionRMSNorm(d, config.rms_norm_eps)
+        self.v_norm = VisionRMSNorm(d, config.rms_norm_eps, with_scale=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, P, _ = x.shape  # [B, P, H]
@@ -164,7 +192,8 @@ class VisionAttention(nn.Module):
         q = rotate(self.q_norm(self.q_proj(x).view(B, P, -1, d)))  # [B, nH, P, d]
         k = rotate(self.k_norm(self.k_proj(x).view(B, P, -1, d)))  # [B, n_kv, P, d]
         v = self.v_norm(self.v_proj(x).view(B, P, -1, d)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
+        out = attend_all(q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1),
+                         v.repeat_interleave(q.shape[1] // v.shape[1], dim=1))  # [B, nH, P, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, P, -1))
 
 
@@ -189,10 +218,10 @@ class VisionLayer(nn.Module):
         H, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
-        self.input_layernorm = RMSNorm(H, eps)
-        self.post_attention_layernorm = RMSNorm(H, eps)
-        self.pre_feedforward_layernorm = RMSNorm(H, eps)
-        self.post_feedforward_layernorm = RMSNorm(H, eps)
+        self.input_layernorm = VisionRMSNorm(H, eps)
+        self.post_attention_layernorm = VisionRMSNorm(H, eps)
+        self.pre_feedforward_layernorm = VisionRMSNorm(H, eps)
+        self.post_feedforward_layernorm = VisionRMSNorm(H, eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
@@ -256,7 +285,7 @@ class MultimodalEmbedder(nn.Module):
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.embedding_pre_projection_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+        self.embedding_pre_projection_norm = VisionRMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
         self.embedding_projection = Linear(config.hidden_size, config.text_hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

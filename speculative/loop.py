@@ -52,7 +52,8 @@ DRAFT_LENGTHS = ("max", "min")
 def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_tokens: int | None = None,
              schedule: str = "constant", temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop_token_ids=None,
-             on_round=None, cache=None, compile: bool = False) -> GenerationResult:
+             on_round=None, cache=None, compile: bool = False,
+             image_features: torch.Tensor | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` (list[int], [S] or [1, S]) with `target`, drafting
     with `drafter` (None: target-only decoding). Greedy when temperature == 0, else lossless speculative sampling
     from the target's temperature / top-k / top-p distribution, reproducible with `seed`. `on_round(RoundInfo)` is
@@ -66,12 +67,17 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
 
     `compile=True` runs the decode, verify and draft steps through torch.compile (speculative/compiled.py): the
     same tokens, faster after a warm-up that compiles each step's shape once per process (minutes on a small CPU;
-    `stats.compile_seconds`), with a static cache."""
+    `stats.compile_seconds`), with a static cache.
+
+    `image_features` [N, H]: the embeddings of the N image tokens of `input_ids` (a prompt with images:
+    `weights.images.image_prompt`), used by the prefill only. Decoding, drafting and verifying after the prompt are the text
+    loop as it is: an image's positions are positions of the target's cache like any other."""
     prompt = prompt_ids(input_ids, target.config.vocab_size)
     report = None if on_round is None else (lambda row, info: on_round(info))
     return _generate(target, drafter, [prompt], max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
                      schedule=schedule, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     stop_token_ids=stop_token_ids, on_round=report, cache=cache, compile=compile)[0]
+                     stop_token_ids=stop_token_ids, on_round=report, cache=cache, compile=compile,
+                     images=[image_features])[0]
 
 
 def new_session_cache(target, drafter=None) -> KVCache:
@@ -87,14 +93,15 @@ def generate_batch(target, drafter, prompts, *, max_new_tokens: int, num_draft_t
                    schedule: str = "constant", temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None, seed: int | None = None, stop_token_ids=None,
                    finished: str = "drop", draft_length: str = "max", on_round=None,
-                   compile: bool = False) -> list[GenerationResult]:
+                   compile: bool = False, image_features=None) -> list[GenerationResult]:
     """`generate` for several prompts at once: `prompts` is a list of token-id lists (or [S] tensors) of any
     lengths. Returns one GenerationResult per prompt, in order, each with its own tokens and statistics (its
     rounds, acceptance, target passes; `decode_seconds` runs until that row finished). Every row's greedy output is
     its single-prompt output. Under sampling each row is an independent lossless sample; one `seed` reproduces the
     whole batch. `finished` and `draft_length`: see the module docstring. `on_round(index, RoundInfo)` reports
     each row's rounds. `compile=True`: as in `generate`; finished rows are then kept (frozen), so that the batch
-    keeps one shape."""
+    keeps one shape. `image_features`: one entry per prompt, its image embeddings [N_b, H] or None (see
+    `generate`)."""
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     ids = []
@@ -107,10 +114,14 @@ def generate_batch(target, drafter, prompts, *, max_new_tokens: int, num_draft_t
         raise ValueError(f"finished must be one of {list(FINISHED_ROWS)}, got {finished!r}")
     if draft_length not in DRAFT_LENGTHS:
         raise ValueError(f"draft_length must be one of {list(DRAFT_LENGTHS)}, got {draft_length!r}")
+    images = [None] * len(ids) if image_features is None else list(image_features)
+    if len(images) != len(ids):
+        raise ValueError(f"image_features has {len(images)} entries for {len(ids)} prompts (None for a prompt "
+                         "without images)")
     return _generate(target, drafter, ids, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
                      schedule=schedule, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      stop_token_ids=stop_token_ids, finished="keep" if compile else finished,
-                     draft_length=draft_length, on_round=on_round, compile=compile)
+                     draft_length=draft_length, on_round=on_round, compile=compile, images=images)
 
 
 @dataclass
@@ -127,7 +138,7 @@ class _Row:
 
 def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_draft_tokens, schedule, temperature,
               top_k, top_p, seed, stop_token_ids, finished="drop", draft_length="max",
-              on_round=None, cache=None, compile=False) -> list[GenerationResult]:
+              on_round=None, cache=None, compile=False, images=None) -> list[GenerationResult]:
     config = target.config
     longest = max(len(p) for p in prompts)
     check_options(prompt_len=longest, max_positions=config.max_position_embeddings,
@@ -162,9 +173,12 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
             for b, (p, r) in enumerate(zip(prompts, reused))]
     watch = Stopwatch(target.device)
 
+    images = [prompt_images(target, p, start, f, i if len(prompts) > 1 else None)
+              for i, (p, start, f) in enumerate(zip(prompts, reused, images or [None] * len(prompts)))]
     firsts = []
-    for row, prompt, start in zip(rows, prompts, reused):
-        firsts.append(prefill(target, cache, prompt[start:], sampler, generator, row=row.index))
+    for row, prompt, start, features in zip(rows, prompts, reused, images):
+        firsts.append(prefill(target, cache, prompt[start:], sampler, generator, row=row.index,
+                              image_features=features))
         row.stats.prefill_seconds = watch.lap()
     token = torch.cat([t for t, _, _ in firsts])  # [B, 1]
     h = torch.cat([h for _, h, _ in firsts])  # [B, 1, H]
@@ -304,12 +318,38 @@ def check_ring(config, history: int, k_max: int) -> None:
         )
 
 
-def prefill(target, cache, prompt: list[int], sampler: Sampler, generator, row: int = 0):
+def prompt_images(target, prompt: list[int], start: int, features, index: int | None):
+    """The image embeddings a prefill of prompt[start:] needs (None: no image tokens there), after checking that
+    `features` covers the prompt's image tokens one for one and that the cached part does not end inside an
+    image (its positions attend to each other: an image is prefilled whole)."""
+    where = "" if index is None else f"prompts[{index}]: "
+    image_token = target.config.image_token_id
+    count = prompt.count(image_token) if image_token is not None else 0
+    if features is None:
+        if count and image_token in prompt[start:]:
+            raise ValueError(f"{where}the prompt holds {count} image tokens (id {image_token}) but no image "
+                             "embeddings were given")
+        return None
+    if image_token is None:
+        raise ValueError(f"{where}image embeddings were given, but this target's checkpoint takes text only")
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[0] != count \
+            or features.shape[1] != target.config.hidden_size:
+        shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"{where}image embeddings must be [{count}, {target.config.hidden_size}] (one per image "
+                         f"token of the prompt), got {shape}")
+    if 0 < start < len(prompt) and prompt[start - 1] == image_token == prompt[start]:
+        raise ValueError(f"{where}the cache ends inside an image (position {start}): roll it back to before it")
+    before = prompt[:start].count(image_token)
+    return features[before:].to(target.device) if before < count else None
+
+
+def prefill(target, cache, prompt: list[int], sampler: Sampler, generator, row: int = 0, image_features=None):
     """Run the whole prompt into cache row `row` (logits of the last position only) and choose the first new token.
     Returns token [1, 1], h [1, 1, H] (hidden state at the prompt's last position) and whether the logits were
-    finite (a 0-d bool, checked with the caller's host sync)."""
+    finite (a 0-d bool, checked with the caller's host sync). `image_features`: the embeddings of the prompt's
+    image tokens (`Gemma4Model.embed_prompt`)."""
     ids = torch.tensor([prompt], dtype=torch.long, device=target.device)  # [1, P]
-    result = target(ids, cache, logits_to_keep=1, rows=slice(row, row + 1))
+    result = target(ids, cache, logits_to_keep=1, rows=slice(row, row + 1), image_features=image_features)
     token = sampler.choose(result.logits[:, -1], generator)  # [1]
     return token.view(1, 1), result.hidden_states[:, -1:], torch.isfinite(result.logits).all()
 
