@@ -108,11 +108,12 @@ class Gemma4Config:
             raise ConfigError(f"unknown layer types {unknown}; expected {list(ATTENTION_TYPES)}")
         self.layer_types[-1] = FULL  # transformers forces the last layer to full attention
         rope = self.rope_parameters if self.rope_parameters is not None else _DEFAULT_ROPE
-        self.rope = {t: _parse_rope(rope, t) for t in set(self.layer_types)}
+        types = list(dict.fromkeys(self.layer_types))  # in order of first use: the same order in every process
+        self.rope = {t: _parse_rope(rope, t) for t in types}
         self.layers = _derive_layers(self)
         self.export_layer = {
             t: max(s.index for s in self.layers if s.attention_type == t and s.kv_mode == "store")
-            for t in set(self.layer_types)
+            for t in types
             if any(s.kv_mode == "store" and s.attention_type == t for s in self.layers)
         }
         _check_sizes(self)

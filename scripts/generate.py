@@ -26,17 +26,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_common, chat
 
 import torch  # noqa: E402
 
 from drafter import IncompatibleDrafterError  # noqa: E402
 from gemma4 import CacheError, ConfigError  # noqa: E402
 from speculative import SCHEDULES, NumericalError, generate, generate_batch  # noqa: E402
-from speculative.options import check_options  # noqa: E402
 from weights import (  # noqa: E402
     ChatTemplateError, CheckpointError, load_chat_template, load_drafter, load_target, load_tokenizer, render_chat,
 )
 from weights.loader import parse_device, parse_dtype  # noqa: E402
+
+from cli_common import (  # noqa: E402
+    GENERATION_OPTIONS, Parser, UserError, check_generation_options, closed_stdout, one_line,
+)
 
 BUNDLED_TARGET = Path(__file__).resolve().parents[1] / "tiny_gemma4" / "target"
 BUNDLED_DRAFTER = BUNDLED_TARGET.parent / "drafter"
@@ -48,10 +52,6 @@ CUDA_HELP = ("install a CUDA build of torch (for example pip install torch --ind
              "https://download.pytorch.org/whl/cu128; pytorch.org/get-started/locally lists the builds), or use "
              "--device cpu")
 DRAFTER_TYPE = "gemma4_assistant"
-
-
-class UserError(Exception):
-    """A problem with what the user asked for: printed as one line, no traceback."""
 
 
 SHOW_DRAFTS_HELP = (
@@ -76,13 +76,6 @@ THREADS_HELP = (
     "CPU threads for torch (default: one per core that no other process is keeping busy when the run starts; "
     "threads beyond the free cores wait on each other and run several times slower)"
 )
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with its errors as the one line every other user error gets (no usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -173,7 +166,7 @@ def check_args(args) -> None:
         raise UserError(f"--dtype: {e}") from None
     args.ids = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else None
     args.entries = read_prompts_file(args.prompts_file) if args.prompts_file else None
-    given = {name: getattr(args, name) for name in CLI_OPTIONS}
+    given = {name: getattr(args, name) for name in GENERATION_OPTIONS}
     check_cli_options(args, dict(given, temperature=0.0 if args.temperature is None else args.temperature))
     check_folder(args.target, "--target")
     if args.drafter is not None:
@@ -182,24 +175,11 @@ def check_args(args) -> None:
         args.drafter = default_drafter(args.target)
 
 
-# generate()'s keyword -> the CLI option that sets it
-CLI_OPTIONS = {"max_new_tokens": "--max-new-tokens", "num_draft_tokens": "--num-draft-tokens",
-               "schedule": "--schedule", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
-               "seed": "--seed"}
-
-
 def check_cli_options(args, values: dict, source: str | None = None) -> None:
-    """The library's own checks (speculative.options.check_options), with the message naming the CLI option, or
-    `source` (the file a default came from) when the value is not the user's."""
-    try:
-        check_options(prompt_len=len(args.ids) if args.ids else 1, max_positions=float("inf"),
-                      **{name: values.get(name) for name in CLI_OPTIONS})
-    except ValueError as e:
-        name, _, rest = str(e).partition(" ")
-        if name not in CLI_OPTIONS:
-            raise
-        where = CLI_OPTIONS[name] if source is None or getattr(args, name) is not None else f"{name} from {source}"
-        raise UserError(f"{where} {rest.replace(' or None', '')}") from None
+    """The library's own checks (scripts/cli_common.py), with the message naming the CLI option, or `source` (the
+    file a default came from) when the value is not the user's."""
+    check_generation_options(values, prompt_len=len(args.ids) if args.ids else 1, source=source,
+                             given={name for name in GENERATION_OPTIONS if getattr(args, name) is not None})
 
 
 def check_device(device: str) -> None:
@@ -607,7 +587,6 @@ def run_chat_mode(args, target, drafter, tokenizer, options) -> int:
     if tokenizer is None:
         raise UserError(f"--chat needs a tokenizer: {shown(target.checkpoint_dir)} has no tokenizer.json or "
                         "tokenizer.model")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from chat import run_chat
 
     show = args.show_drafts and drafter is not None
@@ -631,9 +610,12 @@ def has_tokenizer(folder: Path) -> bool:
 
 
 def cli(argv=None) -> int:
-    """main() with user errors turned into one line on stderr and exit status 2 (130 on Ctrl-C)."""
+    """main() with user errors turned into one line on stderr and exit status 2 (130 on Ctrl-C; 141, as for SIGPIPE,
+    when stdout's reader has gone)."""
     try:
         return main(argv)
+    except BrokenPipeError:  # stdout's reader has gone (| head): stop quietly
+        return closed_stdout()
     except (UserError, *USER_ERRORS) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -647,10 +629,6 @@ def cli(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

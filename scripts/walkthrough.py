@@ -12,7 +12,6 @@ Offline, a few seconds on a CPU. docs/loop.md explains each phase.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,11 +19,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from speculative.loop import accept, commit, cut, draft, new_generator, prefill, verify  # noqa: E402
 from speculative.options import stop_tokens  # noqa: E402
 from speculative.sampling import Sampler  # noqa: E402
 from weights import load_drafter, load_target, load_tokenizer  # noqa: E402
+
+from cli_common import Parser, UserError, check_generation_options, closed_stdout, one_line  # noqa: E402
 
 TARGET, DRAFTER = ROOT / "tiny_gemma4" / "target", ROOT / "tiny_gemma4" / "drafter"
 PROMPT = 'class Stack:\n    """A last-in, first-out container."""\n\n    def push(self, item):\n'
@@ -112,22 +114,51 @@ def walkthrough(target, drafter, tokenizer, prompt_text: str = PROMPT, *, rounds
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The command line, as scripts/generate.py's: a bad option or a walk past the target's positions is one line
+    on stderr and exit status 2 (before anything is printed), a closed stdout (`| head`) ends it quietly."""
+    try:
+        return run(argv)
+    except BrokenPipeError:
+        return closed_stdout()
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default=PROMPT, help="the text to continue (default: the start of a Stack class)")
     p.add_argument("--rounds", type=int, default=4, help="speculative rounds after the prefill (default 4)")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="drafts per round (default 4)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: lossless sampling")
     p.add_argument("--seed", type=int, default=0, help="the random stream under sampling (default 0)")
     args = p.parse_args(argv)
-    if args.rounds < 1 or not 1 <= args.num_draft_tokens <= 32:
-        p.error("--rounds must be >= 1 and --num-draft-tokens in [1, 32]")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    k = args.num_draft_tokens
+    check_generation_options(dict(num_draft_tokens=k, temperature=args.temperature, seed=args.seed,
+                                  max_new_tokens=1, schedule="constant"))
     target = load_target(TARGET)
     drafter = load_drafter(DRAFTER, target=target)
     tokenizer = load_tokenizer(TARGET)
+    check_positions(len(tokenizer.encode(args.prompt, add_bos=True)), args.rounds, k,
+                    target.config.max_position_embeddings)
     with torch.inference_mode():
-        walkthrough(target, drafter, tokenizer, args.prompt, rounds=args.rounds,
-                    num_draft_tokens=args.num_draft_tokens, temperature=args.temperature, seed=args.seed)
+        walkthrough(target, drafter, tokenizer, args.prompt, rounds=args.rounds, num_draft_tokens=k,
+                    temperature=args.temperature, seed=args.seed)
+    sys.stdout.flush()  # here, where a closed pipe is still caught, not at the interpreter's exit
     return 0
+
+
+def check_positions(prompt_len: int, rounds: int, k: int, limit: int) -> None:
+    """The walk's budget (every round may accept all its drafts and a bonus) must fit the target's positions."""
+    budget = 1 + rounds * (k + 1)
+    if prompt_len + budget <= limit:
+        return
+    fits = (limit - prompt_len - 1) // (k + 1)
+    hint = f"use --rounds {fits} or fewer" if fits >= 1 else "use a shorter --prompt"
+    raise UserError(f"--rounds {rounds} with --num-draft-tokens {k} needs up to {budget} new positions after the "
+                    f"prompt's {prompt_len} tokens, past the target's max_position_embeddings={limit}: {hint}")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,17 @@ def test_ctrl_c_prints_what_was_generated_and_the_statistics(tmp_path):
     assert len(report["stats"]["rounds"]) >= 3
 
 
+def test_a_closed_stdout_ends_the_run_quietly():
+    """`generate.py | head`: stdout closed before the answer streams; no "Broken pipe" error, no traceback, and
+    the status a shell gives a program that SIGPIPE ended (or 0). The bundled pair, 8 tokens."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), "--max-new-tokens", "8",
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) in (0, 141, -13), err
+    assert "error" not in err and "Broken pipe" not in err and "Traceback" not in err and "Exception" not in err
+
+
 # --- the front door: every mistake a user can make is one line naming the option or the file, before any load ---
 
 
