@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """Benchmarks: this implementation next to transformers 5.24, the draft-length trade-off, and loading memory.
 
-    python scripts/benchmark.py                           # every section -> BENCHMARKS.md, benchmarks/tradeoff.png
-    python scripts/benchmark.py --only spec,tradeoff      # some sections (the others say "not run")
-    python scripts/benchmark.py --quick                   # smoke run -> /tmp/BENCHMARKS.quick.md
+    python scripts/benchmark.py                  # every section -> <temporary directory>/gemma4-benchmarks/
+    python scripts/benchmark.py --write          # -> the committed BENCHMARKS.md and benchmarks/*.png
+    python scripts/benchmark.py --only spec,tradeoff      # some sections (the others are kept or say "not run")
+    python scripts/benchmark.py --quick                   # smoke run -> <temporary directory>/BENCHMARKS.quick.md
+
+A run writes its report (and plots) outside the repository unless `--write` (or `--out`) says where: a run on a
+busy or different machine must not replace the committed figures by accident. Sections a run does not measure are
+kept from the report it replaces, else from the committed BENCHMARKS.md.
 
 Sections, one function each:
 - forward:  prefill tokens/s and decode ms/token, ours vs transformers, on the bundled tiny target and on an
@@ -517,11 +522,11 @@ def section_tradeoff(args, q: dict) -> list[str]:
     table += ["", f"**Reading:** the best N is {best[0]} ({best[1]:.2f}x over target-only); measured / predicted "
               f"there is {ratio:.0%}: target >= 85%, "
               + ("met." if ratio >= 0.85 else f"missed by {0.85 - ratio:.0%} points.")]
-    table += plot_tradeoff(points, measured[modes[-1][0]]["tps"] / base, alpha, args.plot)
+    table += plot_tradeoff(points, measured[modes[-1][0]]["tps"] / base, alpha, args.plot, args.out.parent)
     return table
 
 
-def plot_tradeoff(points, heuristic: float, alpha: list[float], path: Path) -> list[str]:
+def plot_tradeoff(points, heuristic: float, alpha: list[float], path: Path, report_dir: Path) -> list[str]:
     try:
         import matplotlib
 
@@ -544,7 +549,7 @@ def plot_tradeoff(points, heuristic: float, alpha: list[float], path: Path) -> l
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    return ["", f"![speedup and acceptance vs N]({os.path.relpath(path, ROOT)})"]
+    return ["", f"![speedup and acceptance vs N]({os.path.relpath(path, report_dir)})"]
 
 
 # ---- loading memory ---------------------------------------------------------------------------------------------
@@ -796,7 +801,7 @@ def section_batch(args, q: dict) -> list[str]:
     e2b = e2b_batch_costs(args, q)
     lines += ["", *e2b]
     lines += plot_batch(tps, args.out.parent / "benchmarks" / "batch.png" if not args.quick
-                        else args.out.with_name("batch.quick.png"))
+                        else args.out.with_name("batch.quick.png"), args.out.parent)
     first, last = tps["speculative", 1] / tps["target only", 1], tps["speculative", 8] / tps["target only", 8]
     lines += ["", f"**Reading:** speculation speeds decoding up {first:.2f}x at batch size 1 and {last:.2f}x at batch "
               "size 8; batching itself multiplies target-only tokens/s by "
@@ -834,7 +839,7 @@ def e2b_batch_costs(args, q: dict) -> list[str]:
     return lines
 
 
-def plot_batch(tps: dict, path: Path) -> list[str]:
+def plot_batch(tps: dict, path: Path, report_dir: Path) -> list[str]:
     try:
         import matplotlib
 
@@ -854,7 +859,7 @@ def plot_batch(tps: dict, path: Path) -> list[str]:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    return ["", f"![tokens/s and speed-up vs batch size]({os.path.relpath(path, ROOT)})"]
+    return ["", f"![tokens/s and speed-up vs batch size]({os.path.relpath(path, report_dir)})"]
 
 
 # ---- the compiled path ------------------------------------------------------------------------------------------
@@ -1013,7 +1018,7 @@ def machine() -> list[str]:
             f"Python {platform.python_version()}"]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run, not a measurement")
@@ -1021,10 +1026,27 @@ def main(argv=None) -> int:
     p.add_argument("--draft-tokens", type=int, default=None, help="N for the spec section (default: the drafter's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tmp-dir", default=None, help="where random checkpoints are written (the memory one: ~10 GB)")
-    p.add_argument("--out", type=Path, default=None, help="default BENCHMARKS.md (--quick: /tmp/BENCHMARKS.quick.md)")
+    p.add_argument("--out", type=Path, default=None, help="the report's file; its plots go to a benchmarks/ folder "
+                   "beside it (default: gemma4-benchmarks/BENCHMARKS.md in the temporary directory; --quick: "
+                   "BENCHMARKS.quick.md there)")
+    p.add_argument("--write", action="store_true", help="write the committed BENCHMARKS.md and benchmarks/*.png of "
+                   "this repository (only for a run on a quiet machine whose figures should replace them)")
     p.add_argument("--measure-load", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
     p.add_argument("--measure-e2b", nargs=3, metavar=("DTYPE", "IMPL", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.write and (args.out is not None or args.quick):
+        p.error("--write replaces the committed BENCHMARKS.md: not with --out or --quick")
+    temporary = Path(tempfile.gettempdir())
+    default = temporary / "BENCHMARKS.quick.md" if args.quick else temporary / "gemma4-benchmarks" / "BENCHMARKS.md"
+    args.out = ROOT / "BENCHMARKS.md" if args.write else (args.out or default)
+    args.plot = args.out.parent / "benchmarks" / "tradeoff.png" if not args.quick else args.out.with_suffix(".png")
+    args.parser = p
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    p = args.parser
     torch.set_num_threads(args.threads)
     if args.measure_load:
         measure_load(*args.measure_load)
@@ -1039,8 +1061,6 @@ def main(argv=None) -> int:
         p.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
     if not (args.models / "target").is_dir() and set(only) & {"forward", "spec", "tradeoff"}:
         p.error(f"{args.models} has no target/: train it (scripts/train_tiny.py) or pass --models")
-    args.out = args.out or (Path("/tmp/BENCHMARKS.quick.md") if args.quick else ROOT / "BENCHMARKS.md")
-    args.plot = args.out.parent / "benchmarks" / "tradeoff.png" if not args.quick else args.out.with_suffix(".png")
     q = settings(args.quick)
     titles = {"forward": "1. Forward cost, ours vs transformers (CPU, float32)",
               "spec": "2. Speculative decoding, ours vs transformers' assisted generation (bundled tiny pair)",
@@ -1058,7 +1078,7 @@ def main(argv=None) -> int:
     models = args.models.relative_to(ROOT) if args.models.is_relative_to(ROOT) else args.models
     doc = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
            "", *machine(), f"- models: `{models}`" + (" (--quick: smoke settings, not a measurement)" * args.quick), ""]
-    previous = previous_sections(args.out)
+    previous = previous_sections(args.out if args.out.exists() or args.quick else ROOT / "BENCHMARKS.md")
     for name in SECTIONS:
         doc += [f"## {titles[name]}", ""]
         if name in MEASURED_ELSEWHERE:
@@ -1074,8 +1094,11 @@ def main(argv=None) -> int:
         else:
             doc.append(f"not run (`--only {args.only}`)")
         doc.append("")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(doc))
     print("\n".join(doc))
+    print(f"[benchmark] report written to {args.out}" + ("" if args.write else " (--write: the committed "
+          "BENCHMARKS.md)"), file=sys.stderr, flush=True)
     return 0
 
 

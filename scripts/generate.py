@@ -9,7 +9,7 @@
     python scripts/generate.py --target ./my-gemma --chat --system "Be brief."     # a conversation (scripts/chat.py)
 
 The answer streams to stdout as it is accepted; a summary (tokens, rounds, acceptance, tokens per target pass,
-tokens/s) goes to stderr. `--json` prints one JSON object as the last line of stdout instead. `--prompts-file`
+tokens/s; FIGURES defines them, as `--help` and the README do) goes to stderr. `--json` prints one JSON object as the last line of stdout instead. `--prompts-file`
 runs many prompts, `--batch-size` at a time (speculative.generate_batch), and prints one JSON line per prompt, in
 the file's order; the summary gives tokens/s for the whole run. User errors (a
 missing folder, an offline hub, a drafter that does not fit, a bad option) print one line and exit with status 2;
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -78,8 +79,30 @@ THREADS_HELP = (
 )
 
 
+# What the summary's figures mean (the same words in README.md, "What the figures mean"; --json's stats names them
+# acceptance_rate, mean_tokens_per_pass, tokens_per_second and prefill_tokens_per_second).
+FIGURES = {
+    "rounds": "the rounds that drafted: each drafts k tokens, verifies them in one target pass and keeps the "
+              "accepted ones plus one token of the target's own",
+    "acceptance": "accepted drafts / drafted tokens, over all rounds (a round accepts its drafts up to the first one "
+                  "the target rejects)",
+    "tokens/target pass": "new tokens per target forward pass after the prefill: 1.00 without drafting; a round "
+                          "whose k drafts are all accepted gives k + 1",
+    "tokens/s": "new tokens after the first (which the prefill chose) per second from the end of the prefill to "
+                "the last token; prefill tokens/s is prompt tokens per second of prefill",
+    "speed-up": "(--compare) the speculative run's tokens/s over the target-only run's, in the same process",
+}
+
+
+def figures_help() -> str:
+    return "figures in the summary (stderr):\n" + "\n".join(
+        textwrap.fill(f"{name}: {text}", width=100, initial_indent="  ", subsequent_indent="      ")
+        for name, text in FIGURES.items())
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=figures_help())
     p.add_argument("--target", help="checkpoint folder or hub repo id of the Gemma 4 target (default: the bundled "
                    "tiny pair in tiny_gemma4/, trained on Python source: runs offline)")
     p.add_argument("--drafter", help="drafter folder or hub id (default for a hub id: the id + '-assistant'; for a "

@@ -51,3 +51,29 @@ def test_predicted_tokens_per_round_and_speedup_match_a_simulated_loop(n):
     assert expected == pytest.approx(tokens_per_round, rel=0.01)
     # the simulated loop: tokens_per_round tokens per (n drafter steps + one verify); target-only: c_t per token
     assert speedup == pytest.approx(tokens_per_round / (n * 1.0 + 12.0) * 10.0, rel=0.01)
+
+
+def test_a_run_writes_its_report_outside_the_repository_unless_told_to_write(tmp_path, monkeypatch, capsys):
+    """`benchmark.py` (here `--only training`, which measures nothing) leaves the committed BENCHMARKS.md as it is
+    and writes its report to the temporary directory, the committed sections kept; `--write` replaces it."""
+    import tempfile
+
+    import torch
+
+    repo, temporary = tmp_path / "repo", tmp_path / "tmp"
+    repo.mkdir(), temporary.mkdir()
+    committed = (ROOT / "BENCHMARKS.md").read_text()
+    (repo / "BENCHMARKS.md").write_text(committed)
+    monkeypatch.setattr(benchmark, "ROOT", repo)
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    threads = torch.get_num_threads()
+    try:
+        assert benchmark.main(["--only", "training"]) == 0
+        assert (repo / "BENCHMARKS.md").read_text() == committed
+        report = (temporary / "gemma4-benchmarks" / "BENCHMARKS.md").read_text()
+        training = committed.split("## 7. ")[1].split("\n## ")[0]
+        assert training in report
+        assert benchmark.main(["--only", "training", "--write"]) == 0
+        assert "Produced by `python scripts/benchmark.py --only training --write`" in (repo / "BENCHMARKS.md").read_text()
+    finally:
+        torch.set_num_threads(threads)

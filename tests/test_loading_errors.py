@@ -31,6 +31,22 @@ def test_path_not_found(tmp_path):
         load_target("./definitely/not/here")
 
 
+def test_a_mistyped_local_path_is_a_missing_folder_not_a_hub_request(tmp_path, monkeypatch):
+    """`pair/targt` looks like a hub id (org/name), but `pair/` is a folder here: the user mistyped a local path.
+    The error says which folder is missing and what its parent holds; the hub is never asked."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked for a local path")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    (tmp_path / "pair" / "target").mkdir(parents=True)
+    (tmp_path / "pair" / "drafter").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no folder pair/targt \(pair/ holds drafter, target\)"):
+        load_target("pair/targt")
+
+
 def test_no_config_json(copy_of):
     folder = copy_of()
     (folder / "config.json").unlink()

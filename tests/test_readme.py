@@ -49,3 +49,42 @@ def test_readme_lists_what_a_hub_download_fetches():
 def test_docs_name_no_path_of_the_developers_machine(doc):
     found = re.findall(r"(?:/work|/root|/home|/tmp)/\S*", doc.read_text(encoding="utf-8"))
     assert not found, f"{doc.name} names paths of this machine: {found}"
+
+
+def test_session_snippet_runs_as_written_and_reuses_the_history(monkeypatch):
+    """The Chatting section's `Session` snippet, as written (its imports included): the second turn reuses the
+    first turn's cache, and each turn is the greedy answer of a fresh generate over the rendered history."""
+    code = re.search(r"```python\n(.*?)```", section("Chatting"), re.DOTALL).group(1)
+    monkeypatch.chdir(ROOT)
+    namespace = {}
+    exec(compile(code, "README.md (Chatting)", "exec"), namespace)
+    session, turn = namespace["session"], namespace["turn"]
+    assert len(session.turns) == 2 and turn.prompt_tokens_reused > 0
+    history = session.tokens[: len(session.tokens) - len(turn.tokens)]
+    fresh = generate(namespace["target"], None, history, max_new_tokens=32, stop_token_ids=session.stops)
+    assert turn.tokens == fresh.tokens
+
+
+def test_figures_are_defined_where_they_are_printed_and_in_the_readme(capsys):
+    """Every figure of generate.py's summary (tokens/s, acceptance, tokens/target pass, ...) is defined in its
+    `--help` and, in the same words, in the README."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_script_figures", ROOT / "scripts" / "generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert {"rounds", "acceptance", "tokens/target pass", "tokens/s", "speed-up"} <= set(script.FIGURES)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    shown, readme = " ".join(capsys.readouterr().out.split()), " ".join(README.split())
+    for name, text in script.FIGURES.items():
+        assert f"{name}: {text}" in shown
+        assert f"**{name}**" in readme and text in readme, name
+
+
+def test_commands_for_released_models_ask_for_bfloat16():
+    """The released weights are bfloat16: a command that loads one in float32 (the CPU default) needs twice the
+    memory (18.5 GB for E2B)."""
+    commands = [line for line in README.splitlines() if re.search(r"generate\.py .*--target google/", line)]
+    assert len(commands) >= 3
+    assert all("--dtype bfloat16" in line for line in commands), [c for c in commands if "--dtype" not in c]

@@ -39,7 +39,8 @@ class CheckpointError(ValueError):
 
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
     """A local folder as is, or a hub repo id downloaded with `huggingface_hub.snapshot_download` (which honours
-    HF_HOME, HF_TOKEN and HF_HUB_OFFLINE) restricted to `HUB_ALLOW_PATTERNS`."""
+    HF_HOME, HF_TOKEN and HF_HUB_OFFLINE) restricted to `HUB_ALLOW_PATTERNS`. A name shaped like a repo id whose
+    first part is a local folder (`tiny_gemma4/targt`) is a mistyped local path, never a hub request."""
     path = Path(path_or_repo_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -48,6 +49,12 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     name = str(path_or_repo_id)
     if not _REPO_ID.match(name):
         raise CheckpointError(f"checkpoint not found: no folder {path}, and {name!r} is not a hub repo id (org/name)")
+    if path.parent.is_dir():
+        inside = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise CheckpointError(
+            f"checkpoint not found: no folder {path} ({path.parent}/ holds {', '.join(inside) or 'no folder'}); "
+            f"a name whose first part is a local folder is read as a local path, not as a hub repo id"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
