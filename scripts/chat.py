@@ -3,7 +3,9 @@ one turn to the next; only the tokens the cache does not hold are processed).
 
 Input: at a terminal, a `>>> ` prompt per message (Ctrl-D exits, Ctrl-C at the prompt says how to leave); otherwise
 one user message per line of stdin (blank lines skipped), until EOF. Commands, alone on a line: `/reset` (a new
-conversation, the system message kept), `/stats` (the last turn's figures), `/exit`.
+conversation, the system message kept), `/stats` (the last turn's figures), `/exit`; `/image PATH` attaches an image
+to the next message (the vision encoder is loaded the first time; the image stays in the conversation, and later
+turns read its positions from the cache).
 
 Output: the answer streams as its tokens are accepted and ends at the end-of-turn token (the target's stop tokens,
 never printed); with --show-drafts, one line per round instead (generate.py's Printer). A thinking model's thought
@@ -32,7 +34,7 @@ from gemma4 import CacheError
 from speculative import NumericalError, Session
 from speculative.session import THOUGHT_CLOSE, THOUGHT_OPEN, split_thinking
 
-COMMANDS = ("/reset", "/stats", "/exit")
+COMMANDS = ("/reset", "/stats", "/exit", "/image PATH")
 # What fails one turn and not the conversation (Session.send leaves the session as it was): a message that does not
 # fit the context, a template that cannot render it, NaN logits. An error line takes the answer's place.
 TURN_ERRORS = (ValueError, CacheError, NumericalError)
@@ -41,23 +43,34 @@ PROMPT = ">>> "
 
 
 def run_chat(args, target, drafter, tokenizer, template, options: dict, *, drafts_printer=None, stdin=None,
-             stdout=None, stderr=None) -> int:
+             stdout=None, stderr=None, load_vision=None) -> int:
     """The conversation loop. `args` carries generate.py's options (system, max_new_tokens, num_draft_tokens,
     schedule, thinking, enable_thinking, json); `options` the sampling ones; `drafts_printer()` makes the per-round
-    printer of --show-drafts. Returns the exit status at EOF or /exit: 0, or 1 when a turn failed (TURN_ERRORS)."""
+    printer of --show-drafts; `load_vision()` the target's vision model (None: the target takes text only). Returns
+    the exit status at EOF or /exit: 0, or 1 when a turn failed (TURN_ERRORS)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     thinking = {"enable_thinking": True} if args.enable_thinking else None
     session = Session(target, drafter, tokenizer=tokenizer, template=template, system=args.system,
                       max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
                       schedule=args.schedule, template_kwargs=thinking, **options)
     color = stdout.isatty() and "NO_COLOR" not in os.environ
-    failed = 0
+    failed, images = 0, []
 
     def note(message: str) -> None:
         print(message, file=stderr, flush=True)
 
     for line in messages(stdin, stdout, note):
         command = line.strip()
+        if command.startswith("/image"):
+            path = command[len("/image"):].strip()
+            error = attach_image(session, path, load_vision)
+            if error:
+                failed += 1
+                note(f"error: {error}")
+            else:
+                images.append(path)
+                note(f"(image {path} goes with the next message)")
+            continue
         if command.startswith("/") and " " not in command:
             if command == "/exit":
                 break
@@ -73,7 +86,8 @@ def run_chat(args, target, drafter, tokenizer, template, options: dict, *, draft
                                 drafts=drafts_printer() if drafts_printer is not None else None)
         try:
             with StopOnInterrupt() as stop:
-                turn = session.send(line, on_round=lambda info: (printer(info), stop.check()))
+                sent, images = images, []
+                turn = session.send(line, on_round=lambda info: (printer(info), stop.check()), images=sent)
         except TURN_ERRORS as e:  # the session is left as it was before the message: the conversation goes on
             failed += 1
             message = " ".join(str(e).split())
@@ -92,6 +106,23 @@ def run_chat(args, target, drafter, tokenizer, template, options: dict, *, draft
                               "stats": turn.to_dict()}), file=stdout, flush=True)
         note(summary(turn))
     return 1 if failed else 0
+
+
+def attach_image(session, path: str, load_vision) -> str | None:
+    """Check an image file for `/image PATH` and load the vision model the first time; an error message or None."""
+    from weights.images import open_image
+
+    if not path:
+        return "/image needs a file: /image PATH"
+    if load_vision is None:
+        return "this target takes text only (its config.json has no vision_config)"
+    try:
+        open_image(path)
+        if session.vision is None:
+            session.vision = load_vision()
+    except (ValueError, OSError) as e:
+        return " ".join(str(e).split())
+    return None
 
 
 def messages(stdin, stdout, note):

@@ -7,6 +7,7 @@
     python scripts/generate.py --target ./my-gemma --prompt "..." --show-drafts    # watch drafts being verified
     python scripts/generate.py --target ./my-gemma --prompts-file questions.jsonl --batch-size 4 > answers.jsonl
     python scripts/generate.py --target ./my-gemma --chat --system "Be brief."     # a conversation (scripts/chat.py)
+    python scripts/generate.py --target ./my-gemma --image cat.png --prompt "Describe this." --compare
 
 The answer streams to stdout as it is accepted; a summary (tokens, rounds, acceptance, tokens per target pass,
 tokens/s; FIGURES defines them, as `--help` and the README do) goes to stderr. `--json` prints one JSON object as the last line of stdout instead. `--prompts-file`
@@ -37,7 +38,8 @@ from speculative import SCHEDULES, NumericalError, generate, generate_batch  # n
 from weights import (  # noqa: E402
     ChatTemplateError, CheckpointError, load_chat_template, load_drafter, load_target, load_tokenizer, render_chat,
 )
-from weights.loader import parse_device, parse_dtype  # noqa: E402
+from weights.images import image_parts, image_prompt, open_image  # noqa: E402
+from weights.loader import load_vision, parse_device, parse_dtype  # noqa: E402
 
 from cli_common import (  # noqa: E402
     GENERATION_OPTIONS, Parser, UserError, check_generation_options, closed_stdout, one_line,
@@ -73,6 +75,13 @@ COMPILE_HELP = (
     "warm-up that compiles them (minutes on a small CPU the first time; the kernels are cached on disk, so later "
     "runs start faster); prefill stays eager"
 )
+IMAGE_HELP = (
+    "an image shown before the prompt (repeatable: in order); the target must be a multimodal checkpoint (its "
+    "vision encoder is then loaded too). In --prompts-file: an \"images\" list, or {\"type\": \"image\", "
+    "\"path\": ...} parts in \"messages\"; in --chat: /image PATH"
+)
+AUDIO_REFUSAL = ("audio input is not supported: this implementation has Gemma 4's text and image parts only "
+                 "(E2B/E4B's audio encoder is not implemented)")
 THREADS_HELP = (
     "CPU threads for torch (default: one per core that no other process is keeping busy when the run starts; "
     "threads beyond the free cores wait on each other and run several times slower)"
@@ -118,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="with --prompts-file: prompts generated together "
                    "(default 4; 1 runs them one by one)")
     p.add_argument("--raw", action="store_true", help="use the prompt as plain text, without the chat template")
+    p.add_argument("--image", action="append", metavar="PATH", help=IMAGE_HELP)
+    p.add_argument("--audio", metavar="PATH", help="not supported: " + AUDIO_REFUSAL.split(": ", 1)[1])
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
     p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per round (default: the drafter's "
                    "generation_config num_assistant_tokens)")
@@ -146,6 +157,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--enable-thinking", action="store_true", help="with --chat: ask the chat template for thinking "
                    "(enable_thinking=True)")
     args = p.parse_args(argv)
+    if args.audio is not None:
+        p.error(f"--audio {args.audio}: {AUDIO_REFUSAL}")
+    if args.image and (args.chat or args.prompts_file):
+        p.error("--image goes with --prompt or --prompt-ids (--chat: /image PATH; --prompts-file: an \"images\" "
+                "list per prompt)")
     if args.chat and (args.compare or args.prompts_file or args.prompt_ids or args.prompt or args.raw):
         p.error("--chat reads the messages from stdin and renders them with the chat template: it cannot be "
                 "combined with --compare, --prompt, --prompt-ids, --prompts-file or --raw")
@@ -189,6 +205,7 @@ def check_args(args) -> None:
         raise UserError(f"--dtype: {e}") from None
     args.ids = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else None
     args.entries = read_prompts_file(args.prompts_file) if args.prompts_file else None
+    check_images(args)
     given = {name: getattr(args, name) for name in GENERATION_OPTIONS}
     check_cli_options(args, dict(given, temperature=0.0 if args.temperature is None else args.temperature))
     check_folder(args.target, "--target")
@@ -203,6 +220,37 @@ def check_cli_options(args, values: dict, source: str | None = None) -> None:
     file a default came from) when the value is not the user's."""
     check_generation_options(values, prompt_len=len(args.ids) if args.ids else 1, source=source,
                              given={name for name in GENERATION_OPTIONS if getattr(args, name) is not None})
+
+
+def check_images(args) -> None:
+    """Every image file of --image or the prompts file opened and decoded (a bad one is named in one line), and the
+    target's config checked for a vision encoder, before any model is loaded."""
+    wanted = list(args.image or [])
+    for entry in args.entries or []:
+        wanted += entry_images(entry)
+    for path in wanted:
+        try:
+            open_image(path)
+        except ValueError as e:
+            raise UserError(f"--image {e}" if path in (args.image or []) else str(e)) from None
+    args.needs_vision = bool(wanted)
+    config = Path(args.target).expanduser() / "config.json"
+    if wanted and config.is_file():
+        try:
+            raw = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return  # the loader reports it
+        if not isinstance(raw.get("vision_config") if isinstance(raw, dict) else None, dict):
+            raise UserError(f"--target {shown(config.parent)} takes text only (its config.json has no "
+                            "vision_config): images need a multimodal Gemma 4 checkpoint")
+
+
+def entry_images(entry: dict) -> list:
+    """The image files of one prompts-file entry: its "images" list, or the image parts of its messages."""
+    try:
+        return list(entry.get("images", [])) + image_parts(entry.get("messages", []))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def check_device(device: str) -> None:
@@ -319,6 +367,9 @@ def check_entry(entry, where: str) -> dict:
     """One JSONL line: exactly one of "prompt" (a string), "messages" (chat turns) or "prompt_ids" (token ids)."""
     if not isinstance(entry, dict):
         raise UserError(f"{where}: expected a JSON object with a \"prompt\" or \"messages\" field")
+    images = entry.get("images")
+    if images is not None and not (isinstance(images, list) and all(isinstance(i, str) for i in images)):
+        raise UserError(f"{where}: \"images\" must be a list of image files")
     given = [key for key in ("prompt", "messages", "prompt_ids") if key in entry]
     if len(given) != 1:
         raise UserError(f"{where}: expected exactly one of \"prompt\", \"messages\" or \"prompt_ids\", found "
@@ -332,7 +383,7 @@ def check_entry(entry, where: str) -> dict:
     if given[0] == "prompt_ids" and not (isinstance(value, list) and value
                                           and all(isinstance(t, int) and not isinstance(t, bool) for t in value)):
         raise UserError(f"{where}: \"prompt_ids\" must be a non-empty list of integer token ids")
-    return {given[0]: value}
+    return {given[0]: value, **({"images": images} if images else {})}
 
 
 def parse_prompt_ids(text: str) -> list[int]:
@@ -405,15 +456,22 @@ def load_models(args):
 def prompt_ids(args, target, tokenizer, entry: dict | None = None) -> list[int]:
     """The token ids of --prompt-ids, --prompt, or one --prompts-file entry: raw text (--raw) or chat turns
     rendered with the checkpoint's chat template."""
-    entry = entry or ({"prompt_ids": args.ids} if args.ids is not None else {"prompt": args.prompt})
-    if "prompt_ids" in entry:
+    entry = entry or dict({"prompt_ids": args.ids} if args.ids is not None else {"prompt": args.prompt},
+                          images=args.image or [])
+    images = entry.get("images", [])
+    if images and target.config.image_token_id is None:
+        raise UserError(f"{shown(target.checkpoint_dir)} takes text only (its config.json has no vision_config): "
+                        "images need a multimodal Gemma 4 checkpoint")
+    if "prompt_ids" in entry:  # images: the ids hold one image token per image where it goes
         return entry["prompt_ids"]
     if tokenizer is None:
         raise UserError(f"{shown(target.checkpoint_dir)} has no tokenizer (tokenizer.json or tokenizer.model); "
                         "pass token ids (--prompt-ids, or \"prompt_ids\" in a JSONL --prompts-file)")
-    if "prompt" in entry and args.raw:
-        return tokenizer.encode(entry["prompt"], add_bos=True)
-    messages = entry.get("messages") or [{"role": "user", "content": entry["prompt"]}]
+    if "prompt" in entry and args.raw:  # images first, one image token each, after BOS
+        ids = tokenizer.encode(entry["prompt"], add_bos=True)
+        return ids[:1] + [target.config.image_token_id] * len(images) + ids[1:]
+    content = [*({"type": "image", "path": str(i)} for i in images), {"type": "text", "text": entry.get("prompt")}]
+    messages = entry.get("messages") or [{"role": "user", "content": content if images else entry["prompt"]}]
     template = load_chat_template(target.checkpoint_dir)
     specials = {name: tokenizer.decode([i]) for name, i in
                 (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id)) if i is not None}
@@ -482,12 +540,12 @@ class Interrupted(Exception):
         self.printer = printer
 
 
-def run_once(target, drafter, ids, args, options, tokenizer, quiet):
+def run_once(target, drafter, ids, args, options, tokenizer, quiet, image_features=None):
     printer = Printer(tokenizer, args.show_drafts and drafter is not None, quiet)
     try:
         result = generate(target, drafter, ids, max_new_tokens=args.max_new_tokens,
                           num_draft_tokens=args.num_draft_tokens, schedule=args.schedule, on_round=printer,
-                          compile=args.compile, **options)
+                          compile=args.compile, image_features=image_features, **options)
     except KeyboardInterrupt:
         printer.finish()
         raise Interrupted(printer) from None
@@ -548,14 +606,15 @@ def run(args) -> int:
         return run_file(args, target, drafter, tokenizer, options)
     if args.chat:
         return run_chat_mode(args, target, drafter, tokenizer, options)
-    ids = prompt_ids(args, target, tokenizer)
+    images = list(args.image or [])
+    ids, features = with_images(args, target, prompt_ids(args, target, tokenizer, None), images)
     report: dict = {"threads": torch.get_num_threads()}
     if args.compare:
         log("target only:")
-        baseline = run_once(target, None, ids, args, options, tokenizer, quiet=args.json)
+        baseline = run_once(target, None, ids, args, options, tokenizer, quiet=args.json, image_features=features)
         log(summary("target only", baseline.stats))
         log("speculative:")
-    result = run_once(target, drafter, ids, args, options, tokenizer, quiet=args.json)
+    result = run_once(target, drafter, ids, args, options, tokenizer, quiet=args.json, image_features=features)
     log(summary("speculative" if drafter is not None else "target only", result.stats))
     if args.compare:
         equal = baseline.tokens == result.tokens
@@ -575,22 +634,38 @@ def run(args) -> int:
     return 0
 
 
+def with_images(args, target, ids: list[int], images: list) -> tuple[list[int], torch.Tensor | None]:
+    """The prompt ids with each image marker expanded, and the images' embeddings (None without images); the vision
+    encoder is loaded the first time an image needs it."""
+    if not images:
+        return ids, None
+    if getattr(args, "vision", None) is None:
+        start = time.perf_counter()
+        log(f"loading vision encoder of {shown(args.target)} ...")
+        args.vision = load_vision(target.checkpoint_dir, dtype=target.dtype, device=target.device)
+        log(f"  {sum(p.numel() for p in args.vision.parameters()) / 1e6:.1f}M parameters in "
+            f"{time.perf_counter() - start:.1f} s")
+    return image_prompt(args.vision, ids, images)
+
+
 def run_file(args, target, drafter, tokenizer, options) -> int:
     """--prompts-file: the prompts in batches of --batch-size, one JSON line per prompt as each batch finishes."""
-    batches = []
+    batches, features = [], []
     for i, entry in enumerate(args.entries):
         try:
-            ids = prompt_ids(args, target, tokenizer, entry)
-        except UserError as e:
+            ids, embeds = with_images(args, target, prompt_ids(args, target, tokenizer, entry), entry_images(entry))
+        except (UserError, ValueError) as e:
             raise UserError(f"{args.prompts_file}, prompt {i + 1}: {e}") from None
         batches.append(ids)
+        features.append(embeds)
     total, start = 0, time.perf_counter()
     for first in range(0, len(batches), args.batch_size):
         chunk = batches[first:first + args.batch_size]
         try:
             results = generate_batch(target, drafter, chunk, max_new_tokens=args.max_new_tokens,
                                      num_draft_tokens=args.num_draft_tokens, schedule=args.schedule,
-                                     compile=args.compile, **options)
+                                     compile=args.compile, image_features=features[first:first + args.batch_size],
+                                     **options)
         except ValueError as e:
             raise UserError(f"{args.prompts_file}, prompts {first + 1}-{first + len(chunk)}: {e}") from None
         for i, result in enumerate(results, start=first):
@@ -613,8 +688,10 @@ def run_chat_mode(args, target, drafter, tokenizer, options) -> int:
     from chat import run_chat
 
     show = args.show_drafts and drafter is not None
+    vision = None if target.config.image_token_id is None else \
+        (lambda: load_vision(target.checkpoint_dir, dtype=target.dtype, device=target.device))
     return run_chat(args, target, drafter, tokenizer, load_chat_template(target.checkpoint_dir), options,
-                    drafts_printer=(lambda: Printer(tokenizer, True, False)) if show else None)
+                    drafts_printer=(lambda: Printer(tokenizer, True, False)) if show else None, load_vision=vision)
 
 
 SPEEDUP_UNMEASURABLE = "speed-up not measurable (no decode step: the prefill chose the only new token)"

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from gemma4 import SLIDING
 from gemma4.cache import CacheError, sliding_capacity
 from gemma4.kernels import KEY_BLOCK
@@ -93,7 +95,7 @@ class Session:
                  system: str | None = None, max_new_tokens: int = 256, max_context: int | None = None,
                  overflow: str = "drop_oldest", template_kwargs: dict | None = None, num_draft_tokens=None,
                  schedule: str = "constant", temperature: float = 0.0, top_k=None, top_p=None, seed=None,
-                 stop_token_ids=None):
+                 stop_token_ids=None, vision=None):
         limit = target.config.max_position_embeddings
         if max_context is not None and not 1 < max_context <= limit:
             raise ValueError(f"max_context must be in [2, {limit}] (the target's max_position_embeddings), "
@@ -101,6 +103,7 @@ class Session:
         if overflow not in OVERFLOW:
             raise ValueError(f"overflow must be one of {list(OVERFLOW)}, got {overflow!r}")
         self.target, self.drafter, self.tokenizer, self.template = target, drafter, tokenizer, template
+        self.vision = vision  # gemma4.vision.VisionModel: messages may then carry images (`send(images=...)`)
         self.system, self.max_new_tokens, self.overflow = system, max_new_tokens, overflow
         self.max_context = max_context or limit
         self.template_kwargs = dict(template_kwargs or {})
@@ -117,19 +120,34 @@ class Session:
         self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.tokens: list[int] = []  # the ids the conversation's cache positions correspond to (and the last one)
         self._cache, self._snapshot, self._notes = None, None, []
+        self._images: dict[int, tuple] = {}  # id of an image content part -> (ProcessedImage, its embeddings)
+        self._features = None  # the embeddings of the image tokens of the latest render
 
     @property
     def last(self) -> Turn | None:
         return self.turns[-1] if self.turns else None
 
-    def send(self, text: str, *, max_new_tokens: int | None = None, on_round=None) -> Turn:
+    def send(self, text: str, *, max_new_tokens: int | None = None, on_round=None, images=None) -> Turn:
         """Answer the user message `text`: render the conversation with it, fit it to the context limit, generate,
-        and append the answer (as far as it got, on an interrupt) to the messages."""
+        and append the answer (as far as it got, on an interrupt) to the messages. `images` (files, needs the
+        session's `vision`): shown before the text, as `{"type": "image", "path": ...}` content parts; later turns
+        find their positions in the cache like any other."""
         if self.tokenizer is None:
             raise ValueError("Session.send needs a tokenizer (pass tokenizer=); generate_ids works on token ids")
         budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        content = text
+        if images:
+            if self.vision is None:
+                raise ValueError("this session has no vision model (Session(vision=weights.load_vision(...))): it "
+                                 "takes text only")
+            from weights.images import load_image, processing_options
+
+            parts = [{"type": "image", "path": str(path)} for path in images]
+            for part in parts:  # read and processed now: a bad file fails before anything else
+                self._images[id(part)] = (load_image(part["path"], **processing_options(self.vision.config)), None)
+            content = [*parts, {"type": "text", "text": text}]
         kept = list(self.messages)
-        self.messages.append({"role": "user", "content": text})
+        self.messages.append({"role": "user", "content": content})
         dropped = 0
         while True:
             ids = self.render()
@@ -149,7 +167,7 @@ class Session:
         if dropped:
             self._notes.append(f"{dropped} oldest messages dropped to fit the context limit of {self.max_context}")
         try:
-            turn = self.generate_ids(ids, max_new_tokens=budget, on_round=on_round)
+            turn = self.generate_ids(ids, max_new_tokens=budget, on_round=on_round, image_features=self._features)
         except Exception:
             self.messages = kept  # the message was not answered: the conversation stays as it was
             raise
@@ -159,17 +177,38 @@ class Session:
 
     def render(self) -> list[int]:
         """The conversation's messages as the model reads them: the template's text (ready for the model's
-        answer), tokenized."""
+        answer), tokenized, each image marker expanded to its image's tokens (their embeddings, computed once per
+        image, are kept for the generation in `_features`)."""
         specials = {name: self.tokenizer.decode([i]) for name, i in
                     (("bos_token", self.tokenizer.bos_id), ("eos_token", self.tokenizer.eos_id)) if i is not None}
         text = render_chat(self.template, self.messages, add_generation_prompt=True,
                            **specials, **self.template_kwargs)
-        return self.tokenizer.encode(text)
+        ids = self.tokenizer.encode(text)
+        parts = [part for m in self.messages if isinstance(m.get("content"), list) for part in m["content"]
+                 if isinstance(part, dict) and part.get("type") == "image"]
+        self._features = None
+        if not parts:
+            return ids
+        from weights.images import expand_image_tokens
+
+        for part in parts:  # each image through the vision model once, the first time it is rendered
+            processed, features = self._images[id(part)]
+            if features is None:
+                with torch.inference_mode():
+                    self._images[id(part)] = (processed, self.vision(processed.patches, processed.grid))
+        config = self.vision.config
+        ids = expand_image_tokens(ids, [self._images[id(p)][0].num_soft_tokens for p in parts],
+                                  image_token_id=config.image_token_id, boi_token_id=config.boi_token_id,
+                                  eoi_token_id=config.eoi_token_id)
+        self._features = torch.cat([self._images[id(p)][1] for p in parts])  # [N, H]
+        return ids
 
     # ---- one generation over the conversation's ids ----------------------------------------------------------
-    def generate_ids(self, ids: list[int], *, max_new_tokens: int | None = None, on_round=None) -> Turn:
+    def generate_ids(self, ids: list[int], *, max_new_tokens: int | None = None, on_round=None,
+                     image_features=None) -> Turn:
         """Generate after `ids` (the whole conversation so far), reusing the cache up to the longest common prefix
-        with the ids it holds. Returns the Turn; the session's `tokens` become ids + the answer."""
+        with the ids it holds. Returns the Turn; the session's `tokens` become ids + the answer. `image_features`:
+        the embeddings of every image token in `ids` (`generate` uses those after the cached part)."""
         budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids = list(ids)
         if len(ids) + budget > self.max_context:
@@ -190,7 +229,7 @@ class Session:
         reused = cache.length
         try:
             result = generate(self.target, self.drafter, ids, max_new_tokens=budget, seed=seed, on_round=report,
-                              cache=cache, **self.options)
+                              cache=cache, image_features=image_features, **self.options)
             tokens, stats, interrupted = result.tokens, result.stats, False
         except KeyboardInterrupt:
             tokens, interrupted = emitted, True

@@ -175,16 +175,16 @@ def randomize_vision(model, seed: int) -> None:
             b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
 
 
-def build_vision_target(family: str, seed: int = 0, **text_overrides):
+def build_vision_target(family: str, seed: int = 0, tokens: dict | None = None, **text_overrides):
     """A randomized Gemma4ForConditionalGeneration with a vision tower (no audio), family "e2b" or "31b" (the text
-    family and vision geometry of VISION_FAMILIES)."""
+    family and vision geometry of VISION_FAMILIES); `tokens` overrides IMAGE_TOKENS' ids."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     text_family, vision, bidirectional = VISION_FAMILIES[family]
     torch.manual_seed(seed)
     text = _text_config(text_family, use_bidirectional_attention=bidirectional, **text_overrides).to_dict()
     config = Gemma4Config(text_config=text, vision_config=dict(vision), audio_config=None,
-                          vision_soft_tokens_per_image=70, **IMAGE_TOKENS)
+                          vision_soft_tokens_per_image=70, **{**IMAGE_TOKENS, **(tokens or {})})
     config._attn_implementation = "eager"
     model = Gemma4ForConditionalGeneration(config).eval()
     randomize(model, seed)

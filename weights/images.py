@@ -140,3 +140,44 @@ def expand_image_tokens(ids: list[int], counts: list[int], *, image_token_id: in
     for t in ids:
         out.extend([boi_token_id, *[image_token_id] * next(images), eoi_token_id] if t == image_token_id else [t])
     return out
+
+
+def processing_options(config) -> dict:
+    """`process_image`'s options for a checkpoint's `gemma4.vision.VisionConfig`."""
+    return dict(patch_size=config.patch_size, pooling=config.pooling_kernel_size,
+                max_soft_tokens=config.soft_tokens_per_image)
+
+
+def image_prompt(vision, ids: list[int], images: list) -> tuple[list[int], torch.Tensor | None]:
+    """A prompt with images, ready for `speculative.generate(ids, image_features=...)`: `ids` holds one image
+    marker (the image token, as the chat template writes `<|image|>`) per image, in order; `images` are files or
+    ProcessedImages. Returns the ids with each marker expanded (`expand_image_tokens`) and the embeddings of all
+    their image tokens [N, H_text] from `vision` (a `gemma4.vision.VisionModel`), None without images."""
+    config = vision.config
+    processed = [image if isinstance(image, ProcessedImage) else load_image(image, **processing_options(config))
+                 for image in images]
+    ids = expand_image_tokens(list(ids), [p.num_soft_tokens for p in processed], image_token_id=config.image_token_id,
+                              boi_token_id=config.boi_token_id, eoi_token_id=config.eoi_token_id)
+    if not processed:
+        return ids, None
+    with torch.inference_mode():
+        return ids, torch.cat([vision(p.patches, p.grid) for p in processed])  # [N, H_text]
+
+
+def image_parts(messages: list[dict]) -> list[str]:
+    """The files of the `{"type": "image", "path": ...}` content parts of chat messages, in order (the order of the
+    markers the chat template writes). Audio parts are refused: this project has no audio encoder."""
+    paths = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("audio", "video"):
+                raise ValueError(f"message {i}: {kind} input is not supported (this implementation has Gemma 4's "
+                                 "text and image parts only; E2B/E4B's audio encoder is not implemented)")
+            if kind == "image":
+                path = part.get("path") or part.get("image") or part.get("url")
+                if not isinstance(path, (str, os.PathLike)) or str(path).startswith(("http://", "https://")):
+                    raise ValueError(f"message {i}: an image part needs a local file as \"path\", got {part!r:.120}")
+                paths.append(path)
+    return paths
