@@ -9,6 +9,8 @@
   real forwards of a tiny random model (`views()` gives each slot's position).
 - `e2b_layers.png`: the layer anatomy of Gemma 4 E2B, from `Gemma4Config.from_dict` of the released E2B text
   config's values (layer types, KV sharing and whose K/V each layer reads, MLP widths, per-layer embeddings).
+- `vision.png`: an image's patch grid and the soft tokens its 3 x 3 pooling makes, and the masks of a prompt with
+  that image, read from a real `KVCache.begin` (sliding and full layers, `use_bidirectional_attention: "vision"`).
 """
 
 from __future__ import annotations
@@ -255,6 +257,64 @@ def e2b_figure(plt, path: Path) -> None:
     plt.close(fig)
 
 
+# ---- an image in the prompt ---------------------------------------------------------------------------------------
+def vision_figure(plt, path: Path) -> None:
+    """Left: a 6 x 9 patch grid (a 96 x 144 pixel image with 16-pixel patches) pooled 3 x 3 into 6 soft tokens,
+    numbered in the order the prompt's image tokens take them. Right: the masks of a 13-token prompt holding that
+    image, from KVCache.begin of a tiny config (W = 4) with use_bidirectional_attention "vision"."""
+    from matplotlib.patches import Rectangle
+
+    from gemma4.model import image_blocks
+
+    gh, gw, k = 6, 9, 3
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.25, 1, 1]})
+    ax = axes[0]
+    colors = [BLUE, ORANGE, GREEN, RED, "#b279a2", "#9d755d"]
+    for r in range(gh):
+        for c in range(gw):
+            token = (r // k) * (gw // k) + c // k
+            ax.add_patch(Rectangle((c, gh - 1 - r), 1, 1, facecolor=colors[token], alpha=0.35 + 0.1 * ((r + c) % 2),
+                                   edgecolor="white", lw=1))
+            ax.text(c + 0.5, gh - 0.5 - r, f"{c},{r}", ha="center", va="center", fontsize=6, color="#333")
+    for token in range(gh * gw // k**2):
+        r, c = divmod(token, gw // k)
+        ax.add_patch(Rectangle((c * k, gh - (r + 1) * k), k, k, fill=False, edgecolor="black", lw=2))
+        ax.text(c * k + k / 2, gh - r * k - k / 2 - 0.05, f"soft token {token}", ha="center", va="center",
+                fontsize=8, weight="bold", bbox=dict(facecolor="white", alpha=0.8, lw=0))
+    ax.set_xlim(0, gw)
+    ax.set_ylim(0, gh)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("patches (column, row) -> 3 x 3 average -> soft tokens", fontsize=9)
+
+    cfg = Gemma4Config(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                       num_attention_heads=1, num_key_value_heads=1, head_dim=8, global_head_dim=8,
+                       layer_types=[SLIDING, FULL], sliding_window=4, hidden_size_per_layer_input=0,
+                       vocab_size_per_layer_input=0, use_bidirectional_attention="vision", image_token_id=9)
+    names = ["<bos>", "Look", ":", "<boi>"] + [f"img{i}" for i in range(6)] + ["<eoi>", "What", "?"]
+    ids = torch.tensor([[2, 20, 21, 8] + [9] * 6 + [10, 22, 23]])
+    cache = Gemma4Model(cfg).new_cache(max_length=16, max_rollback=0)
+    masks = cache.begin(ids.shape[1], blocks=image_blocks(ids == 9)).masks
+    S = ids.shape[1]
+    for ax, kind, title in ((axes[1], SLIDING, "sliding layers (W = 4): an image sees itself, later tokens too"),
+                            (axes[2], FULL, "full layers: causal")):
+        seen = (masks[kind][0, :, :S] == 0).float()  # [S, S]: 1 where query (row) sees key (column)
+        image = (ids[0] == 9).float()
+        shade = seen + 0.6 * seen * (image[None, :] * image[:, None])
+        ax.imshow(shade, cmap="Blues", vmin=0, vmax=1.8)
+        ax.set_xticks(range(S))
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_yticks(range(S))
+        ax.set_yticklabels(names if kind == SLIDING else [], fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("key", fontsize=8)
+    axes[1].set_ylabel("query", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _kv_shared_from(cfg: Gemma4Config) -> int:
     """Gemma4Model.kv_shared_from without building 4.6 B parameters: the same property, on a meta-device model."""
     with torch.device("meta"):
@@ -279,7 +339,8 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, draw in (("round.png", round_figure), ("ring.png", ring_figure), ("e2b_layers.png", e2b_figure)):
+    for name, draw in (("round.png", round_figure), ("ring.png", ring_figure), ("e2b_layers.png", e2b_figure),
+                       ("vision.png", vision_figure)):
         draw(plt, OUT / name)
         print(f"wrote {(OUT / name).relative_to(ROOT)} ({(OUT / name).stat().st_size // 1024} KB)")
     return 0
