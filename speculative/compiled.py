@@ -22,9 +22,18 @@ The first call of each shape compiles (minutes on a 2-core CPU for the bundled p
 before its timed decode loop and reports them as `stats.compile_seconds`. inductor keeps compiled kernels on disk
 (`cache_dir()`: torch's default folder in the temporary directory, or $TORCHINDUCTOR_CACHE_DIR), so a second process
 starts much faster.
+
+The models' `functools.cache` helpers (constants such as RoPE's inverse frequencies, made once for eager mode) are
+pure functions of their arguments, so dynamo may trace through their cache: `allow_cached_helpers` tells it so, and
+it no longer warns about each of them (a multi-line warning naming this machine's source paths). Keep every
+`functools.cache` function of gemma4/ and drafter/ pure.
 """
 
 from __future__ import annotations
+
+import functools
+import sys
+import warnings
 
 import torch
 
@@ -46,6 +55,7 @@ class CompiledSteps:
         # Every model's graphs hang on the same two functions below (dynamo caches per code object, and guards on
         # the model): a process that compiles several models must not hit dynamo's default limit of 8 entries.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        allow_cached_helpers()
 
         def target_step(input_ids, step, cache, keep):  # its own function: dynamo caches graphs per function
             return target.run_step(input_ids, step, cache, keep)
@@ -66,6 +76,21 @@ class CompiledSteps:
     def step(self, target, token, hidden, position, views, context=None):
         """Drafter.step, compiled: the embedding of the last token and the hidden state in, one draft step out."""
         return self._drafter(torch.cat([target.embed(token), hidden], dim=-1), position, views, context)
+
+
+def allow_cached_helpers() -> None:
+    """Let dynamo trace the `functools.cache` functions of gemma4/ and drafter/ without a warning (module
+    docstring). torch versions without that registration get a warnings filter for the same message instead."""
+    allow = getattr(torch._dynamo.utils, "allow_lru_cache_wrapper_trace_without_warning", None)
+    if allow is None:
+        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped",
+                                module=r"torch\._dynamo")
+        return
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.split(".")[0] in ("gemma4", "drafter"):
+            for value in list(vars(module).values()):
+                if isinstance(value, functools._lru_cache_wrapper):
+                    allow(value)
 
 
 def compiled_steps(target, drafter) -> CompiledSteps:

@@ -102,3 +102,25 @@ def test_a_compiled_batch_equals_eager():
     compiled = generate_batch(target, drafter, batch, max_new_tokens=16, schedule="heuristic", stop_token_ids=[],
                               compile=True)
     assert [r.tokens for r in compiled] == [r.tokens for r in eager]
+
+
+def test_compiling_prints_no_warning_about_the_models_cached_helpers():
+    """The models' functools.cache helpers (gemma4's RMSNorm constant and RoPE frequencies) are pure: compiling
+    (as generate(compile=True) prepares it) traces through them without dynamo's multi-line warning, which named
+    this machine's source paths. Traced with the eager backend (no kernels compiled), dynamo's once-per-site
+    memory cleared so that an earlier compile in this process cannot hide a warning."""
+    import warnings
+
+    from gemma4.layers import rope_cos_sin
+    from speculative.compiled import CompiledSteps
+
+    target, drafter = small_pair()
+    CompiledSteps(target, drafter)
+    torch._dynamo.utils.warn_once_cache.clear()
+    norm, rope = target.norm, target.config.rope["full_attention"]
+    traced = torch.compile(lambda x, p: norm(x) * rope_cos_sin(p, rope, 32, x.dtype)[0].sum(), backend="eager",
+                           fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced(torch.randn(1, 3, target.config.hidden_size), torch.arange(3))
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
