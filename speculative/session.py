@@ -120,8 +120,12 @@ class Session:
         self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.tokens: list[int] = []  # the ids the conversation's cache positions correspond to (and the last one)
         self._cache, self._snapshot, self._notes = None, None, []
-        self._images: dict[int, tuple] = {}  # id of an image content part -> (ProcessedImage, its embeddings)
-        self._features = None  # the embeddings of the image tokens of the latest render
+        # Images: id of an image content part -> (ProcessedImage, its embeddings or None until first rendered, a
+        # number naming that image, the part itself: an id is only valid while its object lives). The cache is matched on `_keys`: `tokens` with each image's tokens replaced by
+        # -(its number), so that two different images of the same size (the same ids) never share cached K/V.
+        self._images: dict[int, tuple] = {}
+        self._keys: list[int] = []
+        self._features, self._rendered_keys = None, None  # of the latest render
 
     @property
     def last(self) -> Turn | None:
@@ -144,7 +148,8 @@ class Session:
 
             parts = [{"type": "image", "path": str(path)} for path in images]
             for part in parts:  # read and processed now: a bad file fails before anything else
-                self._images[id(part)] = (load_image(part["path"], **processing_options(self.vision.config)), None)
+                self._images[id(part)] = (load_image(part["path"], **processing_options(self.vision.config)), None,
+                                          len(self._images) + 1, part)
             content = [*parts, {"type": "text", "text": text}]
         kept = list(self.messages)
         self.messages.append({"role": "user", "content": content})
@@ -167,7 +172,8 @@ class Session:
         if dropped:
             self._notes.append(f"{dropped} oldest messages dropped to fit the context limit of {self.max_context}")
         try:
-            turn = self.generate_ids(ids, max_new_tokens=budget, on_round=on_round, image_features=self._features)
+            turn = self.generate_ids(ids, max_new_tokens=budget, on_round=on_round, image_features=self._features,
+                                     keys=self._rendered_keys)
         except Exception:
             self.messages = kept  # the message was not answered: the conversation stays as it was
             raise
@@ -186,35 +192,49 @@ class Session:
         ids = self.tokenizer.encode(text)
         parts = [part for m in self.messages if isinstance(m.get("content"), list) for part in m["content"]
                  if isinstance(part, dict) and part.get("type") == "image"]
-        self._features = None
+        self._features, self._rendered_keys = None, None
         if not parts:
             return ids
-        from weights.images import expand_image_tokens
+        from weights.images import expand_image_tokens, load_image, processing_options
 
+        if self.vision is None:
+            raise ValueError("the conversation holds images but this session has no vision model")
+        config = self.vision.config
         for part in parts:  # each image through the vision model once, the first time it is rendered
-            processed, features = self._images[id(part)]
+            if self._images.get(id(part), (None,) * 4)[3] is not part:  # a part put into `messages` by the caller
+                self._images[id(part)] = (load_image(part["path"], **processing_options(config)), None,
+                                          len(self._images) + 1, part)
+            processed, features, key, _ = self._images[id(part)]
             if features is None:
                 with torch.inference_mode():
-                    self._images[id(part)] = (processed, self.vision(processed.patches, processed.grid))
-        config = self.vision.config
-        ids = expand_image_tokens(ids, [self._images[id(p)][0].num_soft_tokens for p in parts],
+                    self._images[id(part)] = (processed, self.vision(processed.patches, processed.grid), key, part)
+        images = [self._images[id(p)] for p in parts]
+        ids = expand_image_tokens(ids, [processed.num_soft_tokens for processed, *_ in images],
                                   image_token_id=config.image_token_id, boi_token_id=config.boi_token_id,
                                   eoi_token_id=config.eoi_token_id)
-        self._features = torch.cat([self._images[id(p)][1] for p in parts])  # [N, H]
+        self._features = torch.cat([features for _, features, *_ in images])  # [N, H]
+        keys, numbers = [], iter(key for _, _, key, _ in images)
+        for i, t in enumerate(ids):
+            if t == config.image_token_id and (i == 0 or ids[i - 1] != t):
+                number = next(numbers)  # a run of image tokens is one image
+            keys.append(-number if t == config.image_token_id else t)
+        self._rendered_keys = keys
         return ids
 
     # ---- one generation over the conversation's ids ----------------------------------------------------------
     def generate_ids(self, ids: list[int], *, max_new_tokens: int | None = None, on_round=None,
-                     image_features=None) -> Turn:
+                     image_features=None, keys: list[int] | None = None) -> Turn:
         """Generate after `ids` (the whole conversation so far), reusing the cache up to the longest common prefix
         with the ids it holds. Returns the Turn; the session's `tokens` become ids + the answer. `image_features`:
-        the embeddings of every image token in `ids` (`generate` uses those after the cached part)."""
+        the embeddings of every image token in `ids` (`generate` uses those after the cached part); `keys`: `ids`
+        with each image's tokens replaced by a number naming the image, matched instead of `ids` (see `render`)."""
         budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids = list(ids)
         if len(ids) + budget > self.max_context:
             raise ContextLimitError(f"{len(ids)} prompt tokens + max_new_tokens {budget} = {len(ids) + budget} "
                                     f"positions: more than the context limit of {self.max_context}")
-        how = self._seek(ids)
+        keys = list(ids) if keys is None else list(keys)
+        how = self._seek(keys)
         cache, emitted, infos = self._cache, [], []
 
         def report(info):
@@ -241,7 +261,7 @@ class Session:
         except Exception:  # a failed generation (NaN logits, ...) leaves the cache in a state nobody tracks
             self._cache, self._snapshot = None, None
             raise
-        self.tokens = ids + tokens
+        self.tokens, self._keys = ids + tokens, keys + list(tokens)
         text = None
         if self.tokenizer is not None:
             answer = tokens[:-1] if tokens and tokens[-1] in self.stops else tokens
@@ -260,7 +280,7 @@ class Session:
         if cache is None:
             self._new_cache()
             return "new"
-        common = min(_common_prefix(self.tokens, ids), cache.length, len(ids) - 1)
+        common = min(_common_prefix(self._keys, ids), cache.length, len(ids) - 1)
         if common == cache.length:
             return "continued"
         how = "rolled back"

@@ -159,3 +159,20 @@ def test_session_refuses_images_without_vision_and_bad_files(models, tmp_path):
     with pytest.raises(ValueError, match="no such image file"):
         session.send("Hi", images=[tmp_path / "nope.png"])
     assert session.messages == []
+
+
+def test_a_different_image_of_the_same_size_is_not_taken_from_the_cache(models):
+    """Two images of one size give the same token ids. A conversation whose first image is replaced (a history
+    rewrite) must not reuse the old image's K/V: the session matches the cache on image identities, not ids."""
+    target, tokenizer, vision = load_target(models), load_tokenizer(models), load_vision(models)
+    a, c = models.parent / "a.png", models.parent / "c.png"
+    PIL.fromarray(np.random.default_rng(5).integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(c)
+    session = Session(target, tokenizer=tokenizer, template=TEMPLATE, vision=vision, max_new_tokens=6)
+    first = session.send("Hello world", images=[a])
+    session.messages[0]["content"][0] = {"type": "image", "path": str(c)}  # the same size, other pixels
+    second = session.send("The quick brown fox")
+    history = [{"role": "user", "content": [{"type": "image", "path": str(c)}, {"type": "text", "text": "Hello world"}]},
+               {"role": "assistant", "content": first.text}, {"role": "user", "content": "The quick brown fox"}]
+    _, _, want = library(models, history, n=6)
+    assert second.tokens == want
+    assert second.prompt_tokens_reused < first.prompt_ids.index(target.config.image_token_id)
