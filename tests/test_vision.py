@@ -84,3 +84,20 @@ def test_bad_grids_are_refused(vision_checkpoint):
     model = load_vision(vision_checkpoint("e2b"))
     with pytest.raises(ValueError, match="do not form a 4 x 9 grid"):
         model(torch.rand(36, 48), (4, 9))  # 4 rows are not a multiple of the pooling kernel 3
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b"])
+def test_bfloat16_features_stay_as_close_to_fp32_as_transformers(family, vision_checkpoint):
+    """Our bfloat16 error against float32 is of the order of transformers' own bfloat16 error."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    folder = vision_checkpoint(family)
+    patches = torch.rand(54, 48, generator=torch.Generator().manual_seed(4))
+    exact = transformers_features(folder, patches, 6, 9)
+    hf = Gemma4ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    values, positions = padded(patches, 6, 9)
+    with torch.no_grad():
+        theirs = torch.cat(hf.model.get_image_features(values.bfloat16(), positions).pooler_output).float()
+        ours = load_vision(folder, dtype="bfloat16")(patches, (6, 9)).float()
+    ours_err, hf_err = (ours - exact).abs().max().item(), (theirs - exact).abs().max().item()
+    assert ours_err < 2 * hf_err + 1e-2
