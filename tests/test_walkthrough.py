@@ -1,7 +1,9 @@
 """scripts/walkthrough.py drives the library's phase functions by hand; its tokens must be `speculative.generate`'s.
 
 Oracle: `speculative.generate` on the same prompt and pair (the bundled tiny pair), greedy (which is also the
-target-only output) and sampled with the same seed (same random stream, so the same draws)."""
+target-only output) and sampled with the same seed (same random stream, so the same draws). Its command line
+checks options as scripts/generate.py does (the library's checks: the messages name the option), prints the same
+text in every process, and stops quietly when stdout's reader has gone."""
 
 import importlib.util
 import os
