@@ -98,7 +98,8 @@ class VisionConfig:
             raise ConfigError(f"vision_config: {self.num_attention_heads} attention heads are not a multiple of "
                               f"{self.num_key_value_heads} key/value heads")
         if self.head_dim % 4:
-            raise ConfigError(f"vision_config.head_dim must be a multiple of 4 (two rotary halves), got {self.head_dim}")
+            raise ConfigError(f"vision_config.head_dim must be a multiple of 4 (two rotary halves), got "
+                              f"{self.head_dim}")
 
 
 class VisionRMSNorm(RMSNorm):

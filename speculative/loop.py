@@ -70,8 +70,8 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
     `stats.compile_seconds`), with a static cache.
 
     `image_features` [N, H]: the embeddings of the N image tokens of `input_ids` (a prompt with images:
-    `weights.images.image_prompt`), used by the prefill only. Decoding, drafting and verifying after the prompt are the text
-    loop as it is: an image's positions are positions of the target's cache like any other."""
+    `weights.images.image_prompt`), used by the prefill only. Decoding, drafting and verifying after the prompt are
+    the text loop as it is: an image's positions are positions of the target's cache like any other."""
     prompt = prompt_ids(input_ids, target.config.vocab_size)
     report = None if on_round is None else (lambda row, info: on_round(info))
     return _generate(target, drafter, [prompt], max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,

@@ -121,8 +121,9 @@ class Session:
         self.tokens: list[int] = []  # the ids the conversation's cache positions correspond to (and the last one)
         self._cache, self._snapshot, self._notes = None, None, []
         # Images: id of an image content part -> (ProcessedImage, its embeddings or None until first rendered, a
-        # number naming that image, the part itself: an id is only valid while its object lives). The cache is matched on `_keys`: `tokens` with each image's tokens replaced by
-        # -(its number), so that two different images of the same size (the same ids) never share cached K/V.
+        # number naming that image, the part itself: an id is only valid while its object lives). The cache is
+        # matched on `_keys`: `tokens` with each image's tokens replaced by -(its number), so that two different
+        # images of the same size (the same ids) never share cached K/V.
         self._images: dict[int, tuple] = {}
         self._keys: list[int] = []
         self._features, self._rendered_keys = None, None  # of the latest render

@@ -44,7 +44,8 @@ def models(tmp_path_factory):
     (root / "tok").mkdir()
     words = _train_tokenizer_json(root / "tok")
     tok = HFTokenizer.from_file(str(words / "tokenizer.json"))
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<|image|>", "<|image>", "<image|>")])
+    markers = ("<|image|>", "<|image>", "<image|>")
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in markers])
     ids = dict(image_token_id=tok.token_to_id("<|image|>"), boi_token_id=tok.token_to_id("<|image>"),
                eoi_token_id=tok.token_to_id("<image|>"))
     target = tiny.build_vision_target("31b", seed=0, tokens=ids)
@@ -189,7 +190,8 @@ def test_a_different_image_of_the_same_size_is_not_taken_from_the_cache(models):
     first = session.send("Hello world", images=[a])
     session.messages[0]["content"][0] = {"type": "image", "path": str(c)}  # the same size, other pixels
     second = session.send("The quick brown fox")
-    history = [{"role": "user", "content": [{"type": "image", "path": str(c)}, {"type": "text", "text": "Hello world"}]},
+    replaced = [{"type": "image", "path": str(c)}, {"type": "text", "text": "Hello world"}]
+    history = [{"role": "user", "content": replaced},
                {"role": "assistant", "content": first.text}, {"role": "user", "content": "The quick brown fox"}]
     _, _, want = library(models, history, n=6)
     assert second.tokens == want

@@ -23,7 +23,7 @@ from weights import load_drafter, load_target, load_vision
 
 pytestmark = pytest.mark.usefixtures("row_invariant_float32")  # tests/conftest.py
 
-IMAGE, BOI, EOI = tiny.IMAGE_TOKENS["image_token_id"], tiny.IMAGE_TOKENS["boi_token_id"], tiny.IMAGE_TOKENS["eoi_token_id"]
+IMAGE, BOI, EOI = (tiny.IMAGE_TOKENS[f"{name}_token_id"] for name in ("image", "boi", "eoi"))
 GRIDS = [(6, 9), (9, 9)]  # 6 and 9 soft tokens
 
 
