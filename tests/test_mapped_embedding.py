@@ -173,3 +173,20 @@ def test_loading_does_not_make_the_table_resident(tmp_path):
     assert grown["mapped fp32"] < others + table / 4
     assert grown["mapped bf16"] < others + table / 4
     assert grown["loaded fp32"] > table * 3 / 4
+
+
+def test_the_table_stays_on_the_device_when_it_fits_there_with_room_to_spare():
+    """load_target's default: mapped on the host on CPU; on a GPU loaded when table + other weights + headroom
+    (10% of the free memory, at least 2 GB) fit in the free memory, else mapped (E2B in bfloat16: a 4.7 GB table
+    next to ~5 GB of other weights)."""
+    from weights.loader import per_layer_table_on_host
+
+    GB = 1 << 30
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    table, other = int(4.7 * GB), 5 * GB
+    assert per_layer_table_on_host(cpu, table, other, None)
+    assert not per_layer_table_on_host(cuda, table, other, 80 * GB)  # an 80 GB GPU: on the device
+    assert per_layer_table_on_host(cuda, table, other, 11 * GB)  # fits, but leaves less than 2 GB
+    assert not per_layer_table_on_host(cuda, table, other, 12 * GB)
+    assert per_layer_table_on_host(cuda, table, other, 6 * GB)  # a small GPU: the other weights only
+    assert not per_layer_table_on_host(torch.device("mps"), table, other, None)  # free memory unknown: load it

@@ -15,6 +15,7 @@ images, so text-only use never holds it in memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import warnings
@@ -74,14 +75,18 @@ def load_target(
 
     `map_per_layer_table`: keep the per-layer-embedding table (E2B/E4B) memory-mapped from the checkpoint file
     instead of loading it (a `weights.mapped.MappedEmbedding`: 4.7 GB of E2B that then cost no heap; the logits
-    are bit for bit the same). Default: on CPU yes, on a GPU no (the table is loaded onto the device)."""
+    are bit for bit the same). Default (`None`): on CPU yes; on a GPU the table is loaded onto the device when it
+    fits there (`per_layer_table_on_host`), since a host table costs a gather and a host-to-device copy per step."""
     dtype, device = parse_dtype(dtype), parse_device(device)
     folder = resolve_checkpoint(path_or_repo_id, revision=revision)
     config = parse_config(folder, Gemma4Config.from_dict)
     store = TensorStore(folder)
     prefix = "model.language_model." if any(k.startswith("model.language_model.") for k in store.keys()) else "model."
     config = untie_if_head_differs(config, store, prefix)
-    mapped = config.uses_ple and (device.type == "cpu" if map_per_layer_table is None else map_per_layer_table)
+    if map_per_layer_table is None and config.uses_ple:
+        map_per_layer_table = per_layer_table_on_host(device, *_text_bytes(store, prefix, dtype),
+                                                      _free_bytes(device))
+    mapped = config.uses_ple and map_per_layer_table
 
     def map_table(meta: nn.Embedding) -> nn.Module:
         key = prefix + "embed_tokens_per_layer.weight"
@@ -125,6 +130,43 @@ def load_vision(
     fill(model, store, {name: "model." + name for name in model.state_dict()},
          lambda key: not key.startswith(VISION_PREFIXES))
     return finish(model, folder)
+
+
+# Device memory a loaded model leaves free for activations and the KV cache, at least: a fraction of what was free
+# and a fixed amount.
+_HEADROOM_FRACTION, _HEADROOM_BYTES = 0.1, 2 << 30
+
+
+def per_layer_table_on_host(device: torch.device, table_bytes: int, other_bytes: int, free_bytes: int | None) -> bool:
+    """Whether `load_target` keeps the per-layer-embedding table mapped on the host by default: always on CPU (it
+    costs no heap there); on another device only when the table does not fit next to the other weights with
+    10% of the free memory (and at least 2 GB) left over. `free_bytes` None: unknown (mps), load it."""
+    if device.type == "cpu":
+        return True
+    if free_bytes is None:
+        return False
+    headroom = max(_HEADROOM_BYTES, int(_HEADROOM_FRACTION * free_bytes))
+    return other_bytes + table_bytes + headroom > free_bytes
+
+
+def _text_bytes(store: TensorStore, prefix: str, dtype: torch.dtype) -> tuple[int, int]:
+    """(per-layer-embedding table, every other text weight) in bytes once loaded in `dtype`."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    table = other = 0
+    for key in store.keys():
+        if key.startswith(prefix) or key == "lm_head.weight":
+            n = math.prod(store.shape(key)) * size
+            if key == prefix + "embed_tokens_per_layer.weight":
+                table += n
+            else:
+                other += n
+    return table, other
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
 
 
 def untie_if_head_differs(config: Gemma4Config, store: TensorStore, prefix: str) -> Gemma4Config:

@@ -14,7 +14,8 @@ Devices: the table always stays in host memory. `.to()`, `.half()`, `.cuda()` an
 convert it (that would allocate the full table); they set the dtype and device of the rows `forward` returns, so on
 a GPU the rows are gathered on the host and copied over each forward (a few KB, but a host synchronisation).
 `weights.load_target` therefore maps the table by default on CPU only and, on a GPU, loads it onto the device like
-every other weight; `map_per_layer_table=True` keeps it on the host there too (a GPU with too little memory).
+every other weight when it fits there with room to spare (`weights.loader.per_layer_table_on_host`), else maps it;
+`map_per_layer_table=True/False` decides either way. scripts/gpu_check.py times a decode step's rows both ways.
 """
 
 from __future__ import annotations
