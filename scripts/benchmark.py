@@ -630,7 +630,7 @@ def section_memory(args, q: dict) -> list[str]:
 # ---- CUDA -------------------------------------------------------------------------------------------------------
 def section_cuda(args, q: dict) -> list[str]:
     if not torch.cuda.is_available():
-        return ["not measured: no GPU in this run"]
+        return ["not measured: no GPU in this run (the prepared GPU check: `python scripts/gpu_check.py`)"]
     layers, shared = (5, 0) if args.quick else (35, 20)
     label = f"E2B-shaped, {layers} layers ({shared} KV-shared)"
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
