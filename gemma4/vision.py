@@ -193,8 +193,10 @@ class VisionAttention(nn.Module):
         q = rotate(self.q_norm(self.q_proj(x).view(B, P, -1, d)))  # [B, nH, P, d]
         k = rotate(self.k_norm(self.k_proj(x).view(B, P, -1, d)))  # [B, n_kv, P, d]
         v = self.v_norm(self.v_proj(x).view(B, P, -1, d)).transpose(1, 2)
-        out = attend_all(q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1),
-                         v.repeat_interleave(q.shape[1] // v.shape[1], dim=1))  # [B, nH, P, d]
+        g = q.shape[1] // k.shape[1]  # query heads per KV head (1 in every released config)
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        out = attend_all(q, k, v)  # [B, nH, P, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, P, -1))
 
 

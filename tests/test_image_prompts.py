@@ -88,6 +88,22 @@ def test_logits_match_transformers(family, folders):
     assert (other - ref).abs().max() > 1e-2  # the comparison sees the mask over image blocks
 
 
+@pytest.mark.parametrize("family", ["e2b", "31b"])
+def test_generic_path_logits_match_transformers(family, folders):
+    """The code a CUDA device runs (gemma4/generic.py, here on the CPU): its prefill masks are `Causal`
+    descriptions, except a sliding layer's over an image block, which is a tensor."""
+    from gemma4.generic import generic_path
+
+    folder = folders(family) / "target"
+    ids, patches, extra = image_prompt()
+    with torch.no_grad():
+        ref = transformers_model(folder)(input_ids=torch.tensor([ids]), **extra).logits
+    target, vision = load_target(folder), load_vision(folder)
+    with torch.no_grad(), generic_path():
+        logits = target(torch.tensor([ids]), target.new_cache(max_length=64), image_features=features(vision, patches))
+    torch.testing.assert_close(logits.logits, ref, atol=1e-4, rtol=0)
+
+
 def hf_greedy(folder, ids, extra, n):
     with torch.no_grad():
         out = transformers_model(folder).generate(input_ids=torch.tensor([ids]), **extra, max_new_tokens=n,
