@@ -8,6 +8,7 @@ has none.
 """
 
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -111,3 +112,11 @@ def test_placeholder_expansion_is_the_processors():
     assert out == [2, 10, 7, 9, 9, 8, 11, 7, 9, 9, 9, 8, 12]
     with pytest.raises(ValueError, match="2 image markers but 1 images"):
         expand_image_tokens(ids, [2], image_token_id=9, boi_token_id=7, eoi_token_id=8)
+
+
+def test_missing_pillow_is_a_clear_error(monkeypatch, images):
+    """Pillow is an optional dependency (the "vision" extra): without it an image gets an ImportError saying so."""
+    for name in ("PIL", "PIL.Image", "PIL.ImageOps"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"images need Pillow: pip install pillow"):
+        load_image(images[0])
