@@ -18,12 +18,20 @@ per head: at S = 8192 a long prompt's prefill becomes slow and memory-hungry):
 - `fused_backends` states these rules of SDPA's kernel choice, so that tests can check, on a CPU, every call the
   generic path makes (scripts/gpu_check.py compares the rules with torch's own choice on a GPU).
 
-What the generic path does not promise: a row's bits independent of how many rows run with it. cuBLAS and the fused
+What the generic path does not promise by default: a row's bits independent of how many rows run with it. cuBLAS and the fused
 attention kernels choose tiles and split the sums by shape, so a position's logits in a verify pass of k + 1 rows
 can differ in their last bits from a one-token decode, and greedy speculative output can then differ from
 target-only output where two tokens' logits are within rounding of each other (a near-tie). Logits stay within
 float rounding of the reference; tests/test_generic_path.py asserts that, and that tokens agree up to the first
 near-tie, and measures how often output differs.
+
+`fixed_rows(P)` is the policy that may keep the promise on a GPU: every product and attention of at most P rows
+(decode, verify, drafting) runs padded to exactly P rows, so that a row meets the same kernel, at the same shape,
+whether it is computed alone or in a verify pass (cuBLAS and SDPA choose by shape; a row's place among the rows
+does not change its sums). What remains is the key length of full-attention layers, which can differ between a
+decode and a verify pass that crosses a 256-position block. On the CPU it makes float32 verify rows equal to
+one-token decodes bit for bit (tests/test_generic_path.py); scripts/gpu_check.py measures what it keeps and costs
+on a GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 _on_cpu = False  # module state read by compiled code too (dynamo guards on it)
+_fixed_rows: int | None = None
 
 
 @contextlib.contextmanager
@@ -48,6 +57,28 @@ def generic_path(enabled: bool = True):
         yield
     finally:
         _on_cpu = before
+
+
+@contextlib.contextmanager
+def fixed_rows(rows: int | None):
+    """Within this block, generic-path products and attention of fewer than `rows` rows run padded to `rows`
+    (None: as they are). See the module docstring."""
+    global _fixed_rows
+    before, _fixed_rows = _fixed_rows, rows
+    try:
+        yield
+    finally:
+        _fixed_rows = before
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`kernels.linear` on the generic path: F.linear, padded to `fixed_rows` rows when that policy is on."""
+    tokens = x.numel() // x.shape[-1]
+    if _fixed_rows is None or tokens >= _fixed_rows:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(tokens, x.shape[-1])
+    rows = torch.cat([rows, rows.new_zeros(_fixed_rows - tokens, x.shape[-1])])  # [P, in]
+    return F.linear(rows, weight, bias)[:tokens].view(*x.shape[:-1], weight.shape[0])
 
 
 def generic(t: torch.Tensor) -> bool:
@@ -136,6 +167,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
 
 def _masked(q, k, v, mask):
     B, nH, S, d = q.shape
+    if _fixed_rows is not None and S < _fixed_rows:  # padded with zero queries that see every key
+        pad = _fixed_rows - S
+        mask = None if mask is None else F.pad(mask, (0, 0, 0, pad))
+        return _masked(F.pad(q, (0, 0, 0, pad)), k, v, mask)[:, :, :S]
     n_kv, T = k.shape[1], k.shape[2]
     g = nH // n_kv
     if g == 1:

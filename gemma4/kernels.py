@@ -97,7 +97,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     a copy of [T, 262144] logits costs ~4 ms)."""
     tokens = x.numel() // x.shape[-1]
     out, inp = weight.shape
-    if generic(x) or not weight.is_contiguous():
+    if generic(x):
+        return _generic.linear(x, weight, bias)
+    if not weight.is_contiguous():
         return F.linear(x, weight, bias)
     if (x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))

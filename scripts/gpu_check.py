@@ -12,13 +12,15 @@ Parts, in order:
    2 rows, then decoding in chunks over a cache). float32 within 1e-4; bfloat16 ours against transformers' float32
    logits within twice transformers' own bfloat16 error (plus 0.05): the generic path promises rounding, not bits.
 2. mismatch: greedy speculative vs target-only tokens in bfloat16 (tiny family pairs biased to accept drafts,
-   many prompts): how many runs differ, and where (the generic path does not promise equality; the CPU path does).
+   many prompts): how many runs differ, and where (the generic path does not promise equality; the CPU path does),
+   by default and with `fixed_rows(16)` (products and attention padded to 16 rows: what it keeps).
 3. geometry: E2B, E4B, 31B and 26B-A4B text geometry (benchmarks/text_geometries.json) in bfloat16 with random
    weights built on the device (transformers' model, initialised there; ours shares its tensors): build time, peak
    memory, prefill tokens/s at 2k and 8k tokens, decode ms after a 2k prompt, verify ms for N = 1..8 drafts
    (N + 1 rows), eager; transformers' decode and verify on the same weights; our attention run with SDPA's math
    kernel disabled (an error names a call that would fall back to it), and each SDPA call's fused kernels by
-   gemma4.generic.fused_backends against torch's own answer. The per-layer-embedding table (E2B): a decode step's
+   gemma4.generic.fused_backends against torch's own answer; decode and verify again with the row-count policy
+   `gemma4.generic.fixed_rows(16)` (its cost). The per-layer-embedding table (E2B): a decode step's
    rows gathered on the device vs gathered on the host and copied (weights/mapped.py).
 4. compiled: decode and verify ms through speculative/compiled.py (CUDA graphs) for the geometries the budget allows
    (E2B first).
@@ -51,6 +53,7 @@ from gemma4.generic import generic_path  # noqa: E402
 
 GEOMETRIES = ROOT / "benchmarks" / "text_geometries.json"
 FP32_TOL = 1e-4
+FIXED_ROWS = 16  # gemma4.generic.fixed_rows: the row-count policy measured next to the default
 
 
 class Budget:
@@ -196,6 +199,8 @@ def mismatch(check: Check) -> dict:
         lengths = [5 + 17 * i % 90 for i in range(runs)]
         prompts = [_ids(1, n, 100 + i, 512)[0].tolist() for i, n in enumerate(lengths)]
         out[family] = count_mismatches(ours, d, prompts, new, schedule="heuristic")
+        with generic.fixed_rows(FIXED_ROWS):
+            out[f"{family}, fixed rows {FIXED_ROWS}"] = count_mismatches(ours, d, prompts, new, schedule="heuristic")
     return out
 
 
@@ -363,6 +368,8 @@ def geometry(check: Check, name: str, raw: dict) -> dict:
         with fused_only(check.device), recorded_sdpa(calls):
             out["prefill"] = measure_prefill(check, ours, lengths)
             out["eager"] = measure_ours(check, ours, prompt_len, verify_ns, repeats)
+        with generic.fixed_rows(FIXED_ROWS):
+            out[f"eager_fixed_rows_{FIXED_ROWS}"] = measure_ours(check, ours, prompt_len, verify_ns, repeats)
         out["math_kernel_needed"] = False
     except RuntimeError as e:  # a call only the math kernel takes: say which, then measure without the restriction
         out["math_kernel_needed"] = str(e)[:500]
@@ -449,6 +456,8 @@ def bundled(check: Check) -> dict:
         out[name] = {"target_only_tokens_per_s": t, "speculative_tokens_per_s": s, "speedup": s / t,
                      "outputs_equal": equal,
                      "mismatch": count_mismatches(target, drafter, prompts, new)}
+        with generic.fixed_rows(FIXED_ROWS):
+            out[name][f"mismatch_fixed_rows_{FIXED_ROWS}"] = count_mismatches(target, drafter, prompts, new)
     return out
 
 
@@ -484,19 +493,22 @@ def markdown(results: dict) -> str:
     if geo:
         lines += ["## Text geometries, bfloat16, random weights", "",
                   "| model | build s | weights GB | peak GB | prefill tok/s (short, long) | decode ms | verify ms N=1..8 "
-                  "| transformers decode ms | transformers verify ms | compiled decode ms | compiled verify ms "
-                  "| math kernel needed |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| fixed rows 16: decode, verify at the largest N, ms | transformers decode ms | transformers verify ms "
+                  "| compiled decode ms | compiled verify ms | math kernel needed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in geo.items():
             if "eager" not in r:
                 lines.append(f"| {name} | {r} |")
                 continue
             c = results.get(f"compiled {name}", {})
+            fixed = r.get(f"eager_fixed_rows_{FIXED_ROWS}", {})
             tr = r.get("transformers", {})
             lines.append(
                 f"| {name} | {_f(r['build_s'], 1)} | {_f(r['weights_gb'])} | {_f(r['peak_gb'])} | "
                 + ", ".join(f"{v['tokens_per_s']:.0f}" for v in r["prefill"].values())
                 + f" | {_f(r['eager']['decode_ms'])} | "
                 + " ".join(f"{v:.1f}" for v in r["eager"]["verify_ms"].values())
+                + f" | {_f(fixed.get('decode_ms'))}, {_f(max(fixed.get('verify_ms', {0: None}).items())[1])}"
                 + f" | {_f(tr.get('decode_ms'))} | " + " ".join(f"{v:.1f}" for v in tr.get("verify_ms", {}).values())
                 + f" | {_f(c.get('decode_ms'))} | " + " ".join(f"{v:.1f}" for v in c.get("verify_ms", {}).values())
                 + f" | {r['math_kernel_needed']} |")
@@ -504,11 +516,11 @@ def markdown(results: dict) -> str:
     b = results.get("bundled", {})
     if b and "error" not in b and "skipped" not in b:
         lines += ["## Bundled pair", "", "| dtype | target-only tok/s | speculative tok/s | speed-up | equal | "
-                  "runs differing |", "|---|---|---|---|---|---|"]
+                  f"runs differing | runs differing, fixed rows {FIXED_ROWS} |", "|---|---|---|---|---|---|---|"]
         for dtype, r in b.items():
             lines.append(f"| {dtype} | {r['target_only_tokens_per_s']:.1f} | {r['speculative_tokens_per_s']:.1f} | "
                          f"{r['speedup']:.2f}x | {r['outputs_equal']} | {r['mismatch']['differing']} of "
-                         f"{r['mismatch']['runs']} |")
+                         f"{r['mismatch']['runs']} | {r[f'mismatch_fixed_rows_{FIXED_ROWS}']['differing']} |")
         lines.append("")
     for key, r in results.items():
         if isinstance(r, dict) and ("error" in r or "skipped" in r):
