@@ -170,3 +170,19 @@ def test_image_inputs_are_checked(folders, checkpoint):
         generate_batch(target, None, [ids, ids], max_new_tokens=2, image_features=[embeds, embeds[:3]])
     with pytest.raises(ValueError, match="takes text only"):
         generate(load_target(checkpoint("e2b")), None, [2, 3], max_new_tokens=2, image_features=embeds[:0])
+
+
+@pytest.mark.compile
+def test_compiled_speculative_over_an_image_prompt_equals_eager(folders):
+    """generate(compile=True): the prefill with the images stays eager, the compiled steps follow (minutes on 2
+    cores: run with -m compile)."""
+    folder = folders("31b")
+    ids, patches, _ = image_prompt()
+    target = load_target(folder / "target")
+    drafter = load_drafter(folder / "drafter", target=target)
+    embeds = features(load_vision(folder / "target"), patches)
+    eager = generate(target, drafter, ids, max_new_tokens=12, image_features=embeds, stop_token_ids=[],
+                     num_draft_tokens=3)
+    compiled = generate(target, drafter, ids, max_new_tokens=12, image_features=embeds, stop_token_ids=[],
+                        num_draft_tokens=3, compile=True)
+    assert compiled.tokens == eager.tokens
