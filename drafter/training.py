@@ -88,25 +88,29 @@ def shift(x: torch.Tensor, s: int, fill=0) -> torch.Tensor:
 
 @torch.inference_mode()
 def greedy_sequences(target: Gemma4Model, files: list[torch.Tensor], count: int, length: int, generator,
-                     batch: int = 64, min_prompt: int = 16, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """([count, length] sequences, [count] prompt lengths): a prompt (half the batches: the start of a file, half:
-    a random window of one; min_prompt..length/2 tokens, the same within a batch) continued by the target's greedy
-    decoding, as the loop would. Files too short for a batch's prompt are skipped; fewer rows come back if no file
-    is long enough. `progress(done, total)`, if given, is called after every decode step with the rows' worth of
-    work done so far (fractional within a batch) out of `count`."""
+                     batch: int = 64, min_prompt: int = 16, progress=None, prompt_len: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([count, length] sequences, [count] positions of the prompts' last tokens): a prompt continued by the
+    target's greedy decoding, as the loop would. By default half the batches prompt with the start of a file, half
+    with a random window of one, min_prompt..length/2 tokens (the same within a batch); with `prompt_len`, every
+    prompt is a random window of that many tokens (held-out prompts cut from held-out documents). Files too short
+    for a batch's prompt are skipped; fewer rows come back if no file is long enough. `progress(done, total)`, if
+    given, is called after every decode step with the rows' worth of work done so far (fractional within a batch)
+    out of `count`."""
     rows, firsts = [], []
     min_prompt = max(2, min(min_prompt, length // 2))
     batches = math.ceil(count / batch)
     for b in range(batches):
         n = min(batch, count - b * batch)
-        plen = int(torch.randint(min_prompt, length // 2 + 1, (1,), generator=generator))
+        plen = prompt_len or int(torch.randint(min_prompt, length // 2 + 1, (1,), generator=generator))
         picks = torch.randint(0, len(files), (4 * n,), generator=generator).tolist()
         long_enough = [files[i] for i in picks if len(files[i]) > plen + 1][:n]
         if not long_enough:
             continue
         prompts = []
         for f in long_enough:
-            offset = 0 if b % 2 == 0 else int(torch.randint(0, len(f) - plen, (1,), generator=generator))
+            at_start = b % 2 == 0 and prompt_len is None
+            offset = 0 if at_start else int(torch.randint(0, len(f) - plen, (1,), generator=generator))
             prompts.append(f[offset : offset + plen])
         ids = torch.stack(prompts).to(target.device)  # [n, plen]
         cache = target.new_cache(batch_size=len(prompts), max_length=length, max_rollback=0)
@@ -130,12 +134,14 @@ def greedy_sequences(target: Gemma4Model, files: list[torch.Tensor], count: int,
 
 
 # ---- chained draft steps at every position ------------------------------------------------------------------------
-def draft_steps(drafter: Drafter, target: Gemma4Model, batch: dict, steps: int):
+def draft_steps(drafter: Drafter, target: Gemma4Model, batch: dict, steps: int, follow_path: bool = True):
     """Yield, for j = 1..steps, what step j of a round at every position p = 1..S-1 of the batch computes:
     (j, DraftOutput [B, S-1, ...], normed [B, S-1, H_a] (the drafter's final-norm output: the centroid head's
     input) or None, teacher log-probabilities [B, S-1, V] (the target at p + j - 1), valid [B, S-1] (the step
     counts here: inside the sequence and on the greedy path), greedy teacher tokens [B, S-1]).
-    Gradients flow through the drafter only; the teacher side is computed under no_grad."""
+    Gradients flow through the drafter only; the teacher side is computed under no_grad. `follow_path=False`
+    (teacher forcing on documents): step j > 1 is fed the document's token x_{p+j-1} instead of the greedy one and
+    counts at every position with room for it, its teacher the target given the document's own tokens."""
     ids, target_hidden = batch["ids"], batch["hidden"]
     B, S = ids.shape
     dtype, device = drafter.pre_projection.weight.dtype, drafter.pre_projection.weight.device
@@ -144,8 +150,9 @@ def draft_steps(drafter: Drafter, target: Gemma4Model, batch: dict, steps: int):
         greedy = teacher.argmax(-1)  # [B, S]: g_p, the target's token after position p
         # on_path[b, p]: x_{p+1} == g_p (the last position has no successor)
         on_path = torch.cat([ids[:, 1:] == greedy[:, :-1], greedy.new_zeros(B, 1, dtype=torch.bool)], 1)
-        token_emb = target.embed(ids)[:, 1:].to(device, dtype)  # [B, S-1, H_t]: x_p for p >= 1
-        greedy_emb = target.embed(greedy).to(device, dtype)  # [B, S, H_t]
+        data_emb = target.embed(ids).to(device, dtype)  # [B, S, H_t]
+        token_emb = data_emb[:, 1:]  # [B, S-1, H_t]: x_p for p >= 1
+        greedy_emb = target.embed(greedy).to(device, dtype) if follow_path else None  # [B, S, H_t]
     views = {kind: KVView(k.to(device, dtype), v.to(device, dtype), torch.arange(S, device=device))
              for kind, (k, v) in batch["kv"].items()}
     hidden = target_hidden[:, :-1].to(device, dtype)  # [B, S-1, H_t]: h_{p-1} for p >= 1
@@ -165,8 +172,9 @@ def draft_steps(drafter: Drafter, target: Gemma4Model, batch: dict, steps: int):
             yield (j, step, captured.pop("h", None), shift(teacher, j - 1)[:, 1:].to(device), valid,
                    shift(greedy, j - 1)[:, 1:].to(device))
             hidden = step.hidden  # [B, S-1, H_t]
-            token_emb = shift(greedy_emb, j - 1)[:, 1:]  # g_{p+j-1}
-            valid = valid & shift(on_path, j - 1)[:, 1:].to(device)  # step j+1's teacher saw x_{p+j} == g_{p+j-1}
+            token_emb = shift(greedy_emb, j - 1)[:, 1:] if follow_path else shift(data_emb, j)[:, 1:]  # g_{p+j-1}
+            if follow_path:
+                valid = valid & shift(on_path, j - 1)[:, 1:].to(device)  # step j+1's teacher saw x_{p+j} == g_{p+j-1}
     finally:
         if hook is not None:
             hook.remove()
@@ -232,25 +240,101 @@ def drafter_agreement(drafter: Drafter, target: Gemma4Model, data: dict, steps: 
     return [a / max(n, 1) for a, n in counts]
 
 
+def document_windows(files: list[torch.Tensor], count: int, length: int) -> torch.Tensor:
+    """Up to `count` [length] windows of the documents end to end, one after another from the start (no overlap,
+    no randomness: every evaluation reads the same tokens): [n, length]."""
+    stream = torch.cat(files)
+    n = min(count, len(stream) // length)
+    if n == 0:
+        raise ValueError(f"the held-out documents hold {len(stream)} tokens, fewer than one window of {length}")
+    return stream[: n * length].view(n, length)
+
+
 @torch.no_grad()
-def acceptance_per_position(drafter: Drafter, target: Gemma4Model, data: dict, steps: int,
-                            batch: int = 8, progress=None) -> list[float]:
-    """A_j for j = 1..steps: of the round starts with room for j drafts (positions p >= the row's "first", with
-    p + j - 1 inside the sequence, on the greedy path), the share at which drafts 1..j all equal the target's greedy
-    tokens, i.e. a round of >= j drafts would accept >= j (greedy decoding; as scripts/eval_tiny.py counts it).
-    `progress(rows done, rows)` is called after every batch of rows."""
-    hits, counts = [0] * steps, [0] * steps
+def accepted_lengths(drafter: Drafter, target: Gemma4Model, data: dict, steps: int, batch: int = 8,
+                     progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a round starting at every position p = 1..S-1 of every row: how many of its `steps` drafts would be
+    accepted under greedy decoding (the leading drafts equal to the target's greedy tokens), and which (row,
+    position, step) counts (`draft_steps`'s valid masks): ([N, S-1] long, [steps, N, S-1] bool), column p - 1 for
+    position p. `progress(rows done, rows)` is called after every batch of rows."""
+    lengths, valids = [], []
     for i in range(0, len(data["ids"]), batch):
         part = rows_of(data, torch.arange(i, min(i + batch, len(data["ids"]))))
-        accepted = None
+        accepted, length, valid_j = None, None, []
         for j, step, _, _, valid, greedy in draft_steps(drafter, target, part, steps):
             match = step.logits.argmax(-1) == greedy  # [B, S-1]
             accepted = match if accepted is None else accepted & match
-            hits[j - 1] += int((accepted & valid).sum())
+            length = accepted.long() if length is None else length + accepted.long()
+            valid_j.append(valid)
+        lengths.append(length.cpu())
+        valids.append(torch.stack(valid_j).cpu())
+        if progress is not None:
+            progress(min(i + batch, len(data["ids"])), len(data["ids"]))
+    return torch.cat(lengths), torch.cat(valids, dim=1)
+
+
+@torch.no_grad()
+def acceptance_per_position(drafter: Drafter, target: Gemma4Model, data: dict, steps: int,
+                            batch: int = 8, progress=None) -> list[float]:
+    """A_j for j = 1..steps: of the round starts with room for j drafts (positions p >= the row's "first" where
+    given, with p + j - 1 inside the sequence, on the greedy path), the share at which drafts 1..j all equal the
+    target's greedy tokens, i.e. a round of >= j drafts would accept >= j (greedy decoding), every position taken as
+    a round start. `progress(rows done, rows)` is called after every batch of rows."""
+    lengths, valid = accepted_lengths(drafter, target, data, steps, batch, progress=progress)
+    return [float(((lengths >= j) & valid[j - 1]).sum() / valid[j - 1].sum()) if valid[j - 1].any()
+            else float("nan") for j in range(1, steps + 1)]
+
+
+@torch.no_grad()
+def teacher_forced_agreement(drafter: Drafter, target: Gemma4Model, data: dict, steps: int, batch: int = 8,
+                             progress=None) -> list[float]:
+    """On documents (teacher forcing): for draft step j = 1..steps, at every position p with p + j - 1 inside the
+    sequence, the share at which step j's draft (fed the document's tokens) equals the target's argmax after the
+    document's tokens up to p + j - 1. `progress(rows done, rows)` after every batch of rows."""
+    hits, counts = [0] * steps, [0] * steps
+    for i in range(0, len(data["ids"]), batch):
+        part = rows_of(data, torch.arange(i, min(i + batch, len(data["ids"]))))
+        for j, step, _, _, valid, greedy in draft_steps(drafter, target, part, steps, follow_path=False):
+            hits[j - 1] += int(((step.logits.argmax(-1) == greedy) & valid).sum())
             counts[j - 1] += int(valid.sum())
         if progress is not None:
             progress(min(i + batch, len(data["ids"])), len(data["ids"]))
     return [h / c if c else float("nan") for h, c in zip(hits, counts)]
+
+
+def simulated_rounds(lengths: torch.Tensor, prompt_lens: torch.Tensor, max_new_tokens: int, n: int
+                     ) -> tuple[list[tuple[int, int]], int]:
+    """The rounds of greedy speculative decoding (speculative/loop.py) with `n` drafts per round, replayed from
+    `accepted_lengths` ([N, S-1], column p - 1 for a round at position p) of the target's greedy continuations of
+    prompts of `prompt_lens` tokens: ([(drafted, accepted)] per round, as `GenerationStats.rounds`; the number of
+    decode passes, those rounds and the one-token decodes where no draft fits the budget). As the loop: the prefill
+    gives the first new token (at position prompt_len), so the first round starts there; a round at p drafts
+    k = min(n, tokens left - 1) and one that accepts a is followed by one at p + a + 1 (a drafts + the target's
+    own token), until `max_new_tokens` tokens are out. These are the loop's rounds on those prompts as long as its
+    verify logits pick the same argmax as the teacher's prefill (near-ties within rounding may differ)."""
+    rounds, passes = [], 0
+    for row, plen in zip(lengths.tolist(), prompt_lens.tolist()):
+        p, out = plen, 1
+        while out < max_new_tokens:
+            k = min(n, max_new_tokens - out - 1)
+            a = min(row[p - 1], k)
+            if k > 0:
+                rounds.append((k, a))
+            passes += 1
+            p, out = p + a + 1, out + a + 1
+    return rounds, passes
+
+
+def round_statistics(rounds: list[tuple[int, int]], passes: int, n: int) -> dict:
+    """Of (drafted, accepted) rounds and the decode passes they took: acceptance at draft position j = 1..n (of the
+    rounds that drafted >= j, the share that accepted >= j) and tokens per target pass (each pass emits its accepted
+    drafts and one token of its own), as `GenerationStats` counts them."""
+    per = []
+    for j in range(1, n + 1):
+        drafted = [a for d, a in rounds if d >= j]
+        per.append(sum(a >= j for a in drafted) / len(drafted) if drafted else float("nan"))
+    return {"rounds": len(rounds), "acceptance_per_position": per,
+            "tokens_per_pass": (passes + sum(a for _, a in rounds)) / max(1, passes)}
 
 
 # ---- the model of speed ----------------------------------------------------------------------------------------
@@ -259,13 +343,18 @@ def expected_tokens(acceptance: list[float], n: int) -> float:
     return 1.0 + sum(a for a in acceptance[:n] if not math.isnan(a))
 
 
+def round_cost(n: int, drafter_cost: float, verify_cost: dict[int, float] | None = None) -> float:
+    """A round of n drafts in units of one target decode step: n drafter steps (`drafter_cost` each) and one verify
+    pass over n + 1 tokens (`verify_cost[n]`, 1 if unknown)."""
+    return n * drafter_cost + (verify_cost or {}).get(n, 1.0)
+
+
 def predicted_speedups(acceptance: list[float], drafter_cost: float, verify_cost: dict[int, float] | None = None
                        ) -> dict[int, float]:
     """Predicted speed-up over target-only decoding for n = 1..len(acceptance) drafts per round: E[tokens per round]
     over the round's cost, n drafter steps plus one verify pass over n + 1 tokens, in units of one target decode
     step (`drafter_cost`: a drafter step's cost in those units; `verify_cost[n]`: the verify pass's, 1 if unknown)."""
-    verify_cost = verify_cost or {}
-    return {n: expected_tokens(acceptance, n) / (n * drafter_cost + verify_cost.get(n, 1.0))
+    return {n: expected_tokens(acceptance, n) / round_cost(n, drafter_cost, verify_cost)
             for n in range(1, len(acceptance) + 1)}
 
 

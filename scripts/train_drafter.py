@@ -16,26 +16,36 @@ target is frozen, in --dtype, under no_grad; only the drafter's parameters are t
 Contexts (--contexts): windows of the data itself, the target's own greedy continuations of prompts from it (what
 the drafter meets after a prompt at inference), or both in each batch (mixed, the default).
 
-Held-out evaluation runs on greedy continuations of held-out prompts: the acceptance A_j at draft position j (the
-share of round starts where drafts 1..j all equal the target's greedy tokens), every --eval-every steps. The speed
-model: a round with N drafts yields 1 + A_1 + ... + A_N tokens on average and costs N drafter steps plus one verify
-pass over N + 1 tokens (measured here on --device, in units of one target decode step, or --drafter-cost given);
-`generation_config.json`'s num_assistant_tokens is the N with the highest predicted ratio. At the end, the loop
-itself (speculative.generate, greedy) runs on held-out prompts with the initial and the trained drafter, checking
-that the output equals target-only decoding.
+Held-out evaluation, before training, every --eval-every steps and at the end, measures what the loop will see on
+this data: prompts cut at random from held-out documents (--eval-prompts of --eval-prompt-len tokens), continued
+greedily by the target for --eval-new-tokens tokens (the first tokens after a prompt, where the domain still shapes
+the text; a small target's long continuations repeat themselves, which any drafter predicts). On them, the rounds
+of greedy speculative decoding are replayed for every N (a round at p that accepts a drafts is followed by one at
+p + a + 1, as in speculative/loop.py): acceptance at each draft position, tokens per target pass, and the predicted
+speed-up, tokens per pass over the round's cost (N drafter steps plus one verify pass over N + 1 tokens, measured
+on --device in units of one target decode step, or --drafter-cost given). Beside it, teacher-forced on windows of
+the held-out documents: how often draft step j equals the target's argmax at every position.
+
+Never worse than the start: the output is the evaluation with the highest predicted speed-up, step 0 (the initial
+drafter) included, evaluated with its weights rounded to the saved dtype. If no evaluation beats the initial
+drafter, DIR holds the initial drafter, one line says so and the exit status is 3 (0 when a trained drafter is the
+output); --resume keeps the best so far. `generation_config.json`'s num_assistant_tokens is the output's best N.
+At the end the loop itself (speculative.generate, greedy) runs on held-out prompts with the initial and the output
+drafter, checking that the output equals target-only decoding.
 
 Every phase reports its progress on stderr (loading, greedy continuations, teacher, evaluations, training, loop
 check); CPU threads default to the free cores, as in generate.py.
 
 DIR receives a Hugging Face-layout drafter folder (config.json, model.safetensors, generation_config.json, the
-target's tokenizer files) that weights.load_drafter and transformers load, `training_report.json` (acceptance per
-position before and after, the loss curve, predictions, the loop check), and `checkpoint/` (drafter, optimizer and
-RNG state, contexts: safetensors + JSON, never pickle) that --resume continues from.
+target's tokenizer files) that weights.load_drafter and transformers load, `training_report.json` (every
+evaluation, the output's step, the loss curve, the loop check), and `checkpoint/` (drafter, the best evaluation's
+weights, optimizer and RNG state, contexts: safetensors + JSON, never pickle) that --resume continues from.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import shutil
@@ -51,9 +61,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from drafter import Drafter, DrafterConfig, check_compatible  # noqa: E402
 from drafter.training import (  # noqa: E402
-    acceptance_per_position, drafter_loss, expected_tokens, greedy_sequences, init_weights, join, lr_at, make_optimizer,
-    optimizer_from_safetensors, optimizer_to_safetensors, predicted_speedups, round_to, scratch_config, teacher_inputs,
-    warm_start,
+    accepted_lengths, document_windows, drafter_loss, greedy_sequences, init_weights, join, lr_at, make_optimizer,
+    optimizer_from_safetensors, optimizer_to_safetensors, round_cost, round_statistics, round_to, scratch_config,
+    simulated_rounds, teacher_forced_agreement, teacher_inputs, warm_start,
 )
 from gemma4 import Gemma4Config  # noqa: E402
 from speculative import generate  # noqa: E402
@@ -66,13 +76,25 @@ from weights.loader import parse_config  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import default_threads  # noqa: E402  (the free cores: the same default as generate.py)
 
+KEPT_INIT = 3  # exit status when no evaluation beat the initial drafter, which is then the output
+EVALUATION_NOTE = (
+    "acceptance_per_position, tokens_per_round, predicted_speedup: the rounds of greedy speculative decoding with N "
+    "drafts (N = 1..--eval-steps, lists indexed N - 1; acceptance_per_position at the largest N) replayed on the "
+    "target's greedy continuations of held-out prompts (--eval-prompts prompts of --eval-prompt-len tokens cut at "
+    "random from held-out documents, --eval-new-tokens new tokens each): the rounds the loop runs on those prompts. "
+    "Acceptance at draft position j: of the rounds that drafted >= j, the share that accepted >= j; tokens per round "
+    "= per target pass. teacher_forced_agreement_per_step: on windows of the held-out documents themselves, at "
+    "every position, the share at which draft step j (fed the document's tokens) equals the target's argmax given "
+    "the document. The output is the evaluation with the highest predicted speed-up (step 0: the initial drafter), "
+    "evaluated in the saved dtype.")
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja"]
 DEFAULTS = dict(init=None, size=None, steps=400, seq_len=256, draft_steps=4, eval_steps=8, dtype="float32",
                 device="cpu", lr=None, batch_size=8, eval_every=100, save_every=None, seed=0, contexts="mixed",
-                greedy_seqs=256, eval_seqs=32, held_out=0.05, loss="kl", save_dtype=None, drafter_cost=None,
-                loop_prompts=4, loop_new_tokens=64, threads=None, weight_decay=0.01)
+                greedy_seqs=256, eval_seqs=16, eval_prompts=64, eval_prompt_len=48, eval_new_tokens=32,
+                held_out=0.05, loss="kl", save_dtype=None, drafter_cost=None, loop_prompts=8, loop_new_tokens=32,
+                threads=None, weight_decay=0.01)
 # what a resumed run may change; every other option must equal the saved run's
 RESUMABLE = {"steps", "eval_every", "save_every", "device", "threads", "loop_prompts", "loop_new_tokens"}
 
@@ -268,10 +290,7 @@ def loop_check(target, drafters: dict, prompts: list[list[int]], n: int, new_tok
         rounds = [r for run in runs for r in run.stats.rounds]
         tokens = sum(r.stats.decode_tokens for r in runs)
         rate = tokens / sum(r.stats.decode_seconds for r in runs)
-        per = []
-        for j in range(1, n + 1):
-            reached = [a for d, a in rounds if d >= j]
-            per.append(sum(a >= j for a in reached) / len(reached) if reached else float("nan"))
+        per = round_statistics(rounds, 0, n)["acceptance_per_position"]
         out[name] = {"acceptance_per_position": per,
                      "acceptance_rate": sum(a for _, a in rounds) / max(1, sum(d for d, _ in rounds)),
                      "tokens_per_target_pass": tokens / max(1, sum(r.stats.target_forward_passes - 1 for r in runs)),
@@ -281,13 +300,16 @@ def loop_check(target, drafters: dict, prompts: list[list[int]], n: int, new_tok
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
-def save_state(folder: Path, drafter: Drafter, optimizer, generator: torch.Generator, state: dict) -> None:
-    """checkpoint/: drafter.safetensors (float32), optimizer.safetensors + state.json (step, losses, RNG, settings).
-    Written beside and then moved over the old files, so an interrupted save leaves the previous checkpoint."""
+def save_state(folder: Path, drafter: Drafter, optimizer, generator: torch.Generator, state: dict,
+               best_weights: dict[str, torch.Tensor]) -> None:
+    """checkpoint/: drafter.safetensors (float32), best.safetensors (the best evaluation's float32 weights),
+    optimizer.safetensors + state.json (step, losses, evaluations, RNG, settings). Written beside and then moved
+    over the old files, so an interrupted save leaves the previous checkpoint."""
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in drafter.state_dict().items()}
     save_file(weights, str(tmp / "drafter.safetensors"))
+    save_file({k: v.contiguous() for k, v in best_weights.items()}, str(tmp / "best.safetensors"))
     tensors, meta = optimizer_to_safetensors(optimizer)
     tensors["rng.data"] = generator.get_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -342,7 +364,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed of the data order, greedy prompts and scratch init (default 0)")
     p.add_argument("--contexts", choices=["data", "greedy", "mixed"], help="training contexts (default mixed)")
     p.add_argument("--greedy-seqs", type=int, help="greedy continuations generated for training (default 256)")
-    p.add_argument("--eval-seqs", type=int, help="held-out greedy continuations evaluated (default 32)")
+    p.add_argument("--eval-prompts", type=int, help="held-out prompts whose greedy continuations are evaluated "
+                   f"(default {DEFAULTS['eval_prompts']})")
+    p.add_argument("--eval-prompt-len", type=int, help="tokens per held-out prompt, cut at random from a held-out "
+                   f"document (default {DEFAULTS['eval_prompt_len']})")
+    p.add_argument("--eval-new-tokens", type=int, help="the first tokens after each prompt whose round starts are "
+                   f"evaluated (default {DEFAULTS['eval_new_tokens']})")
+    p.add_argument("--eval-seqs", type=int, help="held-out document windows of --seq-len tokens for the "
+                   f"teacher-forced evaluation (default {DEFAULTS['eval_seqs']})")
     p.add_argument("--held-out", type=float, help="share of documents held out, by text hash (default 0.05)")
     p.add_argument("--loss", choices=["kl", "argmax"], help="KL to the target's distribution (default) or "
                    "cross-entropy to its argmax")
@@ -350,8 +379,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--drafter-cost", type=float, help="a drafter step's cost in target decode steps (default: "
                    "measured on --device, with the verify passes)")
     p.add_argument("--loop-prompts", type=int, help="held-out prompts run through speculative.generate at the end "
-                   "(default 4; 0: skip)")
-    p.add_argument("--loop-new-tokens", type=int, help="new tokens per loop-check prompt (default 64)")
+                   f"(default {DEFAULTS['loop_prompts']}; 0: skip)")
+    p.add_argument("--loop-new-tokens", type=int, help="new tokens per loop-check prompt (default "
+                   f"{DEFAULTS['loop_new_tokens']})")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: as generate.py, one per core that no "
                    "other process keeps busy when the run starts)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.01)")
@@ -381,7 +411,7 @@ def settings_from(args: argparse.Namespace, saved: dict | None) -> dict:
     if s["init"] != "scratch" and s["size"] is not None:
         raise UsageError("--size applies to --init scratch only")
     for key in ("steps", "seq_len", "draft_steps", "batch_size", "eval_every", "greedy_seqs", "eval_seqs",
-                "loop_new_tokens"):
+                "eval_prompts", "eval_prompt_len", "eval_new_tokens", "loop_new_tokens"):
         if s[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {s[key]}")
     if s["seq_len"] < 8:
@@ -473,42 +503,40 @@ def run(args: argparse.Namespace) -> int:
     save_dtype = parse_dtype(s["save_dtype"] or config.get("dtype") or config.get("torch_dtype") or "bfloat16")
     optimizer = make_optimizer(drafter, s["lr"], s["weight_decay"])
     greedy_rows = {"data": 0, "greedy": s["batch_size"], "mixed": s["batch_size"] // 2}[s["contexts"]]
+    best_weights: dict[str, torch.Tensor] = {}  # the best evaluation's float32 weights (step 0: the init's)
     if saved_state:
         drafter.load_state_dict(load_file(str(ckpt / "drafter.safetensors"), device=str(target.device)))
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
         gen.set_state(tensors.pop("rng.data"))
         optimizer_from_safetensors(optimizer, tensors, saved_state["optimizer"])
         contexts = load_file(str(ckpt / "contexts.safetensors"))
+        best_weights.update(load_file(str(ckpt / "best.safetensors")))
         state = {k: v for k, v in saved_state.items() if k != "optimizer"}
         state["settings"] = s
-        log(f"resumed at step {state['step']} of {s['steps']}")
+        log(f"resumed at step {state['step']} of {s['steps']} (best so far: step {state['best']['step']})")
     else:
         ctx_gen = torch.Generator().manual_seed(s["seed"] + 1)
         eval_ids, eval_first = greedy_sequences(
-            target, held_files, s["eval_seqs"], s["seq_len"], ctx_gen, batch=min(32, s["eval_seqs"]),
+            target, held_files, s["eval_prompts"], s["eval_prompt_len"] + s["eval_new_tokens"] + s["eval_steps"],
+            ctx_gen, batch=min(32, s["eval_prompts"]), prompt_len=s["eval_prompt_len"],
             progress=Phase(log, "greedy continuations of held-out prompts", "rows"))
-        contexts = {"eval_ids": eval_ids, "eval_first": eval_first}
+        contexts = {"eval_ids": eval_ids, "eval_first": eval_first,
+                    "eval_docs": document_windows(held_files, s["eval_seqs"], s["seq_len"])}
         if greedy_rows:
             contexts["train_ids"] = greedy_sequences(
-                target, train_files, s["greedy_seqs"], s["seq_len"], ctx_gen,
+                target, train_files, s["greedy_seqs"], s["seq_len"], ctx_gen, prompt_len=greedy_prompt_len(s),
                 progress=Phase(log, "greedy continuations of training prompts", "rows"))[0]
         ckpt.mkdir(parents=True, exist_ok=True)
         save_file(contexts, str(ckpt / "contexts.safetensors"))
         state = {"settings": s, "data": data_record, "step": 0, "losses": [], "evals": [],
                  "minutes_trained": 0.0}
-    evaluation = teacher_inputs(target, contexts["eval_ids"], progress=Phase(log, "held-out teacher", "rows"))
-    evaluation["first"] = contexts["eval_first"]
-
-    def evaluate(name: str = "held-out evaluation") -> list[float]:
-        drafter.eval()
-        acc = acceptance_per_position(drafter, target, evaluation, s["eval_steps"], progress=Phase(log, name, "rows"))
-        drafter.train()
-        return acc
+    evaluation = {"prompts": teacher_inputs(target, contexts["eval_ids"],
+                                            progress=Phase(log, "held-out teacher: prompts", "rows")),
+                  "documents": teacher_inputs(target, contexts["eval_docs"],
+                                              progress=Phase(log, "held-out teacher: documents", "rows"))}
+    evaluation["prompts"]["first"] = contexts["eval_first"]
 
     if not saved_state:
-        state["before"] = evaluate("held-out evaluation before training")
-        state["evals"].append({"step": 0, "acceptance_per_position": state["before"]})
-        log("held-out acceptance per position before: " + " ".join(f"{a:.3f}" for a in state["before"]))
         prompt = [int(t) for t in contexts["eval_ids"][0, : int(contexts["eval_first"][0]) + 1]]
         if s["drafter_cost"] is None:
             log("measuring step costs (target decode, drafter step, verify passes) ...")
@@ -516,34 +544,58 @@ def run(args: argparse.Namespace) -> int:
         else:
             state["costs"] = {"drafter_cost": s["drafter_cost"], "verify_cost": {}}
         log(f"step costs: a drafter step = {state['costs']['drafter_cost']:.3f} target decode steps")
+    verify_cost = {int(k): v for k, v in state["costs"]["verify_cost"].items()}
+    shipped = copy.deepcopy(drafter).requires_grad_(False).eval()  # the weights as saved: rounded to save_dtype
+
+    def measure(model, label: str) -> dict:
+        return evaluate_drafter(model, target, evaluation, s["eval_steps"], s["eval_new_tokens"],
+                                state["costs"]["drafter_cost"], verify_cost,
+                                lambda what: Phase(log, f"{label}: {what}", "rows"))
+
+    def evaluate(step: int) -> None:
+        """Evaluate the drafter as it would be saved; keep its weights when its predicted speed-up beats the best."""
+        shipped.load_state_dict(drafter.state_dict())
+        round_to(shipped, save_dtype)
+        result = {"step": step, **measure(shipped, f"evaluation at step {step}")}
+        state["evals"].append(result)
+        best = state.get("best")
+        if best is None or result["predicted_speedup_best"] > best["predicted_speedup_best"]:
+            state["best"] = {"step": step, "predicted_speedup_best": result["predicted_speedup_best"]}
+            best_weights.clear()
+            best_weights.update({k: v.detach().cpu().clone() for k, v in drafter.state_dict().items()})
+        log(f"step {step}: {summary(result)}" + ("  (best so far)" if state["best"]["step"] == step else
+                                                  f"  (best: step {state['best']['step']})"))
+
+    if not saved_state:
+        evaluate(0)
 
     train_loop(drafter, target, optimizer, gen, stream, contexts.get("train_ids"), greedy_rows, s, state, ckpt,
-               evaluate, log, no_progress=args.no_progress)
+               evaluate, best_weights, log, no_progress=args.no_progress)
 
-    # the drafter that ships: its weights rounded to the saved dtype, evaluated as such
+    # the output: the best evaluation's weights (the init's if nothing beat it), rounded to the saved dtype
+    best_step = state["best"]["step"]
+    kept_init = best_step == 0
+    output = next(e for e in state["evals"] if e["step"] == best_step)
+    before = state["evals"][0]
+    drafter.load_state_dict({k: v.to(target.device) for k, v in best_weights.items()})
     drafter.requires_grad_(False).eval()
+    master = None
+    if save_dtype != torch.float32 and not kept_init:  # what rounding to save_dtype costs the trained weights
+        master = measure(drafter, f"float32 weights of step {best_step}")
     round_to(drafter, save_dtype)
-    after = acceptance_per_position(drafter, target, evaluation, s["eval_steps"],
-                                    progress=Phase(log, f"final evaluation ({save_dtype})", "rows"))
-    verify_cost = {int(k): v for k, v in state["costs"]["verify_cost"].items()}
-    speed_before = predicted_speedups(state["before"], state["costs"]["drafter_cost"], verify_cost)
-    speed_after = predicted_speedups(after, state["costs"]["drafter_cost"], verify_cost)
-    best = max(speed_after, key=speed_after.get)
-    log("held-out acceptance per position after:  " + " ".join(f"{a:.3f}" for a in after))
-    log(f"predicted speed-up, N = 1..{len(after)}: " + " ".join(f"{v:.2f}" for v in speed_after.values())
-        + f"; num_assistant_tokens = {best}")
-    generation = {**generation, "num_assistant_tokens": best, "num_assistant_tokens_schedule": "constant"}
+    n = output["num_assistant_tokens"]
+    generation = {**generation, "num_assistant_tokens": n, "num_assistant_tokens_schedule": "constant"}
     save_drafter_folder(out, drafter, config, generation, save_dtype, Path(target.checkpoint_dir))
 
     report = {"command": args.command,
               "settings": s, "data": state["data"], "target_dtype": str(target.dtype), "saved_dtype": str(save_dtype),
               "parameters_trained": sum(p.numel() for p in drafter.parameters()),
               "steps": state["step"], "minutes_trained": state["minutes_trained"], "losses": state["losses"],
-              "acceptance_per_position": {"before": state["before"], "after": after}, "evals": state["evals"],
-              "expected_tokens_per_round": {"before": {n: expected_tokens(state["before"], n) for n in speed_before},
-                                            "after": {n: expected_tokens(after, n) for n in speed_after}},
-              "costs": state["costs"], "predicted_speedup": {"before": speed_before, "after": speed_after},
-              "num_assistant_tokens": best,
+              "evaluation": EVALUATION_NOTE, "evals": state["evals"], "before": before, "output": output,
+              "output_step": best_step, "kept_init": kept_init,
+              "acceptance_per_position": {"before": before["acceptance_per_position"],
+                                          "after": output["acceptance_per_position"]},
+              "float32_weights": master, "costs": state["costs"], "num_assistant_tokens": n,
               "speed_model": "speedup(N) = (1 + A_1 + ... + A_N) / (N * drafter_cost + verify_cost[N]), costs in "
                              "target decode steps"}
     if s["loop_prompts"]:
@@ -552,19 +604,65 @@ def run(args: argparse.Namespace) -> int:
         drafters = {"after": drafter}
         if s["init"] != "scratch":  # the drafter as it was before training
             drafters = {"before": load_drafter(s["init"], target=target, device=target.device), **drafters}
-        report["loop_check"] = loop_check(target, drafters, prompts, best, s["loop_new_tokens"],
+        report["loop_check"] = loop_check(target, drafters, prompts, n, s["loop_new_tokens"],
                                           progress=Phase(log, "loop check (speculative.generate)", "runs"))
         log(f"loop check: {json.dumps({k: v for k, v in report['loop_check'].items() if isinstance(v, dict)})}")
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"saved {out}: num_assistant_tokens = {best}")
+    log(f"before:  {summary(before)}")
+    log(f"output:  {summary(output)}  (step {best_step})")
+    if kept_init:
+        best_trained = max(state["evals"][1:], key=lambda e: e["predicted_speedup_best"], default=None)
+        print(f"train_drafter.py: no evaluation beat the initial drafter (predicted speed-up "
+              f"{before['predicted_speedup_best']:.3f}" + (f"; the best trained one {best_trained['predicted_speedup_best']:.3f}"
+                                                          f" at step {best_trained['step']}" if best_trained else "")
+              + f"): {out} holds the initial drafter (exit status {KEPT_INIT})", file=sys.stderr, flush=True)
+        return KEPT_INIT
+    log(f"saved {out}: the drafter of step {best_step}, num_assistant_tokens = {n}")
     return 0
 
 
-def train_loop(drafter, target, optimizer, gen, stream, greedy_ids, greedy_rows, s, state, ckpt, evaluate, log,
-               no_progress: bool) -> None:
+def greedy_prompt_len(s: dict) -> int:
+    """Prompt length of a training greedy continuation: the rest of --seq-len after the first --eval-new-tokens +
+    --eval-steps new tokens (at least half of it), so that the greedy part is what the evaluation and the loop see
+    first after a prompt, and the prompt part trains on the data itself."""
+    return max(s["seq_len"] // 2, s["seq_len"] - s["eval_new_tokens"] - s["eval_steps"])
+
+
+def summary(result: dict) -> str:
+    """One line: acceptance per position on held-out prompts and teacher-forced, the best N's prediction."""
+    n = result["num_assistant_tokens"]
+    return ("held-out prompts A_j " + " ".join(f"{a:.3f}" for a in result["acceptance_per_position"])
+            + "; documents (teacher-forced) agreement per step "
+            + " ".join(f"{a:.3f}" for a in result["teacher_forced_agreement_per_step"])
+            + f"; N = {n}: {result['tokens_per_round'][n - 1]:.2f} tokens per target pass, predicted speed-up "
+            f"{result['predicted_speedup_best']:.3f}")
+
+
+def evaluate_drafter(drafter, target, evaluation: dict, steps: int, new_tokens: int, drafter_cost: float,
+                     verify_cost: dict, progress) -> dict:
+    """The held-out evaluation of one drafter (EVALUATION_NOTE): the loop's rounds on the held-out prompts' greedy
+    continuations, replayed for every N = 1..steps, with their acceptance per position, tokens per target pass and
+    predicted speed-up; and the teacher-forced acceptance per position on held-out documents."""
+    prompts = evaluation["prompts"]
+    lengths, _ = accepted_lengths(drafter, target, prompts, steps, progress=progress("prompts"))
+    by_n = [round_statistics(*simulated_rounds(lengths, prompts["first"] + 1, new_tokens, n), n)
+            for n in range(1, steps + 1)]
+    speed = [r["tokens_per_pass"] / round_cost(n, drafter_cost, verify_cost) for n, r in enumerate(by_n, start=1)]
+    n = 1 + speed.index(max(speed))
+    documents = teacher_forced_agreement(drafter, target, evaluation["documents"], steps,
+                                         progress=progress("documents"))
+    return {"acceptance_per_position": by_n[-1]["acceptance_per_position"], "rounds": by_n[-1]["rounds"],
+            "tokens_per_round": [r["tokens_per_pass"] for r in by_n],  # N = 1, 2, ...
+            "acceptance_per_position_by_n": [r["acceptance_per_position"] for r in by_n],
+            "teacher_forced_agreement_per_step": documents,
+            "predicted_speedup": speed, "num_assistant_tokens": n, "predicted_speedup_best": speed[n - 1]}
+
+
+def train_loop(drafter, target, optimizer, gen, stream, greedy_ids, greedy_rows, s, state, ckpt, evaluate,
+               best_weights, log, no_progress: bool) -> None:
     """Optimizer steps state["step"]..s["steps"]: each batch holds `greedy_rows` rows of the greedy pool and the
-    rest fresh windows of the training stream, the teacher computed on the fly; evaluation and checkpoints at
-    their intervals, and always a checkpoint at the end."""
+    rest fresh windows of the training stream, the teacher computed on the fly; evaluation every --eval-every steps
+    and at the end, checkpoints (with the best evaluation's weights) at their interval and at the end."""
     steps, warmup = s["steps"], max(1, s["steps"] // 20)
     bar = progress(state["step"], steps, no_progress)
     start = time.perf_counter()
@@ -589,12 +687,12 @@ def train_loop(drafter, target, optimizer, gen, stream, greedy_ids, greedy_rows,
         state["step"] = step + 1
         state["minutes_trained"] = trained + (time.perf_counter() - start) / 60
         bar.update(state["losses"][-1])
-        if state["step"] % s["eval_every"] == 0 and state["step"] < steps:
-            acc = evaluate()
-            state["evals"].append({"step": state["step"], "acceptance_per_position": acc})
-            bar.write(f"step {state['step']}: held-out acceptance per position " + " ".join(f"{a:.3f}" for a in acc))
+        if state["step"] % s["eval_every"] == 0 or state["step"] == steps:
+            drafter.eval()
+            evaluate(state["step"])
+            drafter.train()
         if state["step"] % s["save_every"] == 0 or state["step"] == steps:
-            save_state(ckpt, drafter, optimizer, gen, state)
+            save_state(ckpt, drafter, optimizer, gen, state, best_weights)
     bar.close()
 
 

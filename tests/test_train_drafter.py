@@ -63,11 +63,18 @@ def pair(tmp_path_factory, checkpoint, drafter_checkpoint):
 
 
 def run(target, data, out, *extra, measure: bool = False) -> int:
-    """A 4-step run; the step costs measured only with `measure` (else a drafter step counts 0.2 decode steps)."""
+    """A 4-step run; the step costs measured only with `measure` (else a drafter step counts 0.2 decode steps).
+    Exit status 0 (a trained drafter is the output) or KEPT_INIT (nothing beat the init) as the report says."""
     argv = ["--target", str(target), "--data", str(data), "--out", str(out), "--steps", "4", "--seq-len", "32",
             "--batch-size", "4", "--eval-every", "2", "--greedy-seqs", "8", "--eval-seqs", "4", "--held-out", "0.25",
-            "--eval-steps", "4", "--loop-prompts", "0", "--no-progress", *extra]
-    return train_drafter.main(argv + ([] if measure else ["--drafter-cost", "0.2"]))
+            "--eval-steps", "4", "--eval-prompts", "4", "--eval-prompt-len", "12", "--eval-new-tokens", "8",
+            "--loop-prompts", "0", "--no-progress", *extra]
+    code = train_drafter.main(argv + ([] if measure else ["--drafter-cost", "0.2"]))
+    report = Path(out) / "training_report.json"
+    if code in (0, train_drafter.KEPT_INIT) and report.is_file():
+        assert code == (train_drafter.KEPT_INIT if json.loads(report.read_text())["kept_init"] else 0)
+        return 0
+    return code
 
 
 @pytest.mark.parametrize("init", ["e2b", "e4b", "scratch"])
@@ -83,10 +90,10 @@ def test_trained_folder_loads_in_ours_and_transformers_with_equal_logits(init, p
     assert run(target_dir, data, out, *extra, measure=init == "e2b") == 0
     report = json.loads((out / "training_report.json").read_text())
     assert report["steps"] == 4 and len(report["losses"]) == 4 and all(l > 0 for l in report["losses"])
-    assert [e["step"] for e in report["evals"]] == [0, 2]
+    assert [e["step"] for e in report["evals"]] == [0, 2, 4]
     gen = json.loads((out / "generation_config.json").read_text())
-    speed = report["predicted_speedup"]["after"]
-    assert gen["num_assistant_tokens"] == int(max(speed, key=speed.get)) == report["num_assistant_tokens"]
+    speed = report["output"]["predicted_speedup"]
+    assert gen["num_assistant_tokens"] == 1 + speed.index(max(speed)) == report["num_assistant_tokens"]
     if init == "e2b":
         assert all(report["loop_check"][name]["outputs_identical"] for name in ("before", "after"))
         assert set(report["costs"]["verify_cost"]) == {"1", "2", "3", "4"}
@@ -130,9 +137,12 @@ def test_resume_continues_the_step_count_and_the_loss_curve(pair, tmp_path, monk
     state = json.loads((tmp_path / "parts" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2
     monkeypatch.setattr(train_drafter, "drafter_loss", real_loss)
-    assert train_drafter.main(["--out", str(tmp_path / "parts"), "--resume", "--no-progress"]) == 0
+    code = train_drafter.main(["--out", str(tmp_path / "parts"), "--resume", "--no-progress"])
     parts = json.loads((tmp_path / "parts" / "training_report.json").read_text())
+    assert code == (train_drafter.KEPT_INIT if parts["kept_init"] else 0)
     assert parts["steps"] == 4
+    assert (parts["output_step"], parts["kept_init"]) == (whole["output_step"], whole["kept_init"])
+    assert parts["evals"] == whole["evals"]
     torch.testing.assert_close(torch.tensor(parts["losses"]), torch.tensor(whole["losses"]), atol=1e-6, rtol=1e-6)
     assert parts["acceptance_per_position"] == whole["acceptance_per_position"]
     a, b = load_drafter(tmp_path / "whole"), load_drafter(tmp_path / "parts")
@@ -433,8 +443,9 @@ def test_default_threads_are_generate_py_s_and_every_phase_reports_progress(pair
         torch.set_num_threads(before)
     err = capsys.readouterr().err
     for phase in ("loading target", "greedy continuations of held-out prompts: 4/4 rows",
-                  "greedy continuations of training prompts: 16/16 rows", "held-out teacher: 4/4 rows",
-                  "held-out evaluation before training: 4/4 rows", "step 4/4", "final evaluation",
+                  "greedy continuations of training prompts: 16/16 rows", "held-out teacher: prompts: 4/4 rows",
+                  "held-out teacher: documents: 4/4 rows", "evaluation at step 0: prompts: 4/4 rows",
+                  "evaluation at step 0: documents: 4/4 rows", "step 4/4", "evaluation at step 4: documents",
                   "loop check (speculative.generate): 3/3 runs"):
         assert phase in err, phase
     # the greedy phase reports while it runs, not only at its end
@@ -452,6 +463,132 @@ def test_non_utf8_data_names_the_file(suffix, pair, tmp_path, capsys):
     assert run(target_dir, bad, tmp_path / "out", "--init", str(drafter_dir)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"train_drafter.py: error: --data {bad}: not UTF-8 text"), err
+
+
+# ---- the held-out evaluation and "never worse than the start" (issue #28) --------------------------------------------
+BUNDLED = ROOT / "tiny_gemma4"
+
+
+@pytest.fixture(scope="module")
+def prose(tmp_path_factory):
+    """A domain the bundled pair never saw (it was trained on Python source without pydoc_data): the English prose of
+    pydoc_data/topics.py, cut at paragraph ends into documents of about 2,000 characters, as JSONL."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("prose") / "topics.jsonl"
+    with open(path, "w") as f:
+        for key in sorted(topics):
+            chunk = ""
+            for paragraph in topics[key].split("\n\n"):
+                chunk += paragraph + "\n\n"
+                if len(chunk) >= 2000:
+                    f.write(json.dumps({"text": chunk}) + "\n")
+                    chunk = ""
+            if chunk.strip():
+                f.write(json.dumps({"text": chunk}) + "\n")
+    return path
+
+
+def run_bundled(data, out, *extra) -> int:
+    """A short run of the bundled pair: held-out evaluation on 16 prompts of 32 tokens (16 new tokens each), the
+    loop check on the same prompts, a fixed drafter cost (the README's measured 0.16) so that timing noise on a
+    shared machine cannot move the choice."""
+    return train_drafter.main([
+        "--target", str(BUNDLED / "target"), "--init", str(BUNDLED / "drafter"), "--data", str(data), "--out", str(out),
+        "--seq-len", "64", "--batch-size", "8", "--greedy-seqs", "16", "--eval-prompts", "16", "--eval-prompt-len",
+        "32", "--eval-new-tokens", "16", "--eval-seqs", "2", "--drafter-cost", "0.16", "--loop-prompts", "16",
+        "--loop-new-tokens", "16", "--threads", "1", "--no-progress", *extra])
+
+
+def test_replayed_rounds_are_the_loop_s_rounds(prose):
+    """The evaluation's rounds, replayed from one teacher pass over the target's greedy continuations of held-out
+    prompts, are exactly the rounds speculative.generate runs on those prompts (bundled pair, float32, greedy), for
+    N = 2 and 5: same (drafted, accepted) per round, so the same acceptance per position and tokens per pass."""
+    target = load_target(BUNDLED / "target")
+    drafter = load_drafter(BUNDLED / "drafter", target=target)
+    docs = train_drafter.read_documents([str(prose)], None)
+    files = train_drafter.tokenize([d for d in docs if train_drafter.is_held_out(d["text"], 0.05)],
+                                   train_drafter.load_tokenizer(target.checkpoint_dir))
+    new_tokens, plen = 24, 32
+    ids, first = training.greedy_sequences(target, files, 6, plen + new_tokens + 8, torch.Generator().manual_seed(0),
+                                           prompt_len=plen)
+    data = training.teacher_inputs(target, ids)
+    data["first"] = first
+    lengths, _ = training.accepted_lengths(drafter, target, data, 8)
+    for n in (2, 5):
+        for row in range(len(ids)):
+            loop = generate(target, drafter, ids[row, :plen].tolist(), max_new_tokens=new_tokens, num_draft_tokens=n,
+                            stop_token_ids=())
+            assert loop.tokens == ids[row, plen : plen + new_tokens].tolist()  # the same greedy continuation
+            replayed, passes = training.simulated_rounds(lengths[row : row + 1], first[row : row + 1] + 1,
+                                                         new_tokens, n)
+            assert replayed == [tuple(r) for r in loop.stats.rounds], (n, row)
+            assert training.round_statistics(replayed, passes, n)["tokens_per_pass"] == pytest.approx(
+                loop.stats.mean_tokens_per_pass)
+
+
+def test_a_short_fine_tune_on_a_new_domain_raises_the_evaluation_and_the_loop_together(tmp_path):
+    """JSON records (the bundled pair saw Python source only): 12 seeded steps on the target's greedy continuations.
+    The output beats the initial drafter on the held-out evaluation, and speculative.generate on the same held-out
+    prompts measures the rise too, exactly the tokens per target pass the evaluation predicted for each drafter."""
+    import random
+
+    r = random.Random(0)
+    names, cities = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"], ["paris", "tokyo", "lima"]
+    data = tmp_path / "records.jsonl"
+    with open(data, "w") as f:
+        for _ in range(200):
+            records = [json.dumps({"id": r.randrange(10000), "name": r.choice(names), "city": r.choice(cities),
+                                   "age": r.randrange(18, 90), "active": r.random() < 0.5,
+                                   "score": round(r.random(), 2)}) for _ in range(12)]
+            f.write(json.dumps({"text": "\n".join(records) + "\n"}) + "\n")
+    out = tmp_path / "out"
+    assert run_bundled(data, out, "--steps", "12", "--eval-every", "4", "--lr", "1e-3", "--contexts", "greedy") == 0
+    report = json.loads((out / "training_report.json").read_text())
+    before, output, loop = report["before"], report["output"], report["loop_check"]
+    n = report["num_assistant_tokens"]
+    assert not report["kept_init"] and report["output_step"] > 0 and loop["num_draft_tokens"] == n
+    assert output["tokens_per_round"][n - 1] > before["tokens_per_round"][n - 1]
+    assert output["acceptance_per_position_by_n"][n - 1][0] > before["acceptance_per_position_by_n"][n - 1][0]
+    assert loop["after"]["tokens_per_target_pass"] > loop["before"]["tokens_per_target_pass"]
+    assert loop["after"]["acceptance_per_position"][0] > loop["before"]["acceptance_per_position"][0]
+    assert loop["after"]["outputs_identical"] and loop["before"]["outputs_identical"]
+    # the loop ran the rounds the evaluation replayed (the same 16 prompts and 16 new tokens)
+    for name, evaluation in (("before", before), ("after", output)):
+        assert loop[name]["tokens_per_target_pass"] == pytest.approx(evaluation["tokens_per_round"][n - 1])
+        assert loop[name]["acceptance_per_position"] == pytest.approx(evaluation["acceptance_per_position_by_n"][n - 1])
+
+
+def test_a_training_that_damages_the_drafter_keeps_the_init(prose, tmp_path, capsys, monkeypatch):
+    """Noise added to the weights at every step (a run gone wrong): every evaluation predicts fewer tokens per pass
+    than the init, the output is the init bit for bit, one line says so, the exit status is KEPT_INIT, and the loop
+    itself measures the same acceptance with the output as with the init."""
+    real = train_drafter.drafter_loss
+    gen = torch.Generator().manual_seed(0)
+
+    def damaging(drafter, *args, **kwargs):
+        with torch.no_grad():
+            for p in drafter.parameters():
+                if p.dim() >= 2:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.5 * p.std())
+        return real(drafter, *args, **kwargs)
+
+    monkeypatch.setattr(train_drafter, "drafter_loss", damaging)
+    out = tmp_path / "out"
+    assert run_bundled(prose, out, "--steps", "2", "--eval-every", "1") == train_drafter.KEPT_INIT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train_drafter.py: no evaluation beat the initial drafter") and str(out) in err[-1]
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["kept_init"] and report["output_step"] == 0 and [e["step"] for e in report["evals"]] == [0, 1, 2]
+    before = report["evals"][0]
+    for trained in report["evals"][1:]:
+        assert max(trained["tokens_per_round"]) < max(before["tokens_per_round"])
+    from safetensors.torch import load_file
+
+    init, saved = load_file(str(BUNDLED / "drafter" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert init.keys() == saved.keys() and all(torch.equal(init[k], saved[k]) for k in init)
+    loop = report["loop_check"]
+    assert loop["after"]["acceptance_per_position"] == loop["before"]["acceptance_per_position"]
 
 
 if __name__ == "__main__":
