@@ -15,12 +15,14 @@ per head: at S = 8192 a long prompt's prefill becomes slow and memory-hungry):
 - A prefill from position 0 gets no mask tensor at all: the cache describes its mask as `Causal` and attention
   passes `is_causal=True` (full layers; flash or memory-efficient, O(S) memory), or, on sliding layers, cuts the
   queries into blocks of W that each attend to 2W keys under one [W, 2W] band (memory and work O(S W), not S^2).
+- The MoE under torch.compile reads only the chosen experts' weights (`Experts.gathered` in moe.py), not every
+  expert's as the CPU's compiled path does.
 - `fused_backends` states these rules of SDPA's kernel choice, so that tests can check, on a CPU, every call the
   generic path makes (scripts/gpu_check.py compares the rules with torch's own choice on a GPU).
 
-What the generic path does not promise by default: a row's bits independent of how many rows run with it. cuBLAS and the fused
-attention kernels choose tiles and split the sums by shape, so a position's logits in a verify pass of k + 1 rows
-can differ in their last bits from a one-token decode, and greedy speculative output can then differ from
+What the generic path does not promise by default: a row's bits independent of how many rows run with it. cuBLAS
+and the fused attention kernels choose tiles and split the sums by shape, so a position's logits in a verify pass of
+k + 1 rows can differ in their last bits from a one-token decode, and greedy speculative output can then differ from
 target-only output where two tokens' logits are within rounding of each other (a near-tie). Logits stay within
 float rounding of the reference; tests/test_generic_path.py asserts that, and that tokens agree up to the first
 near-tie, and measures how often output differs.
