@@ -7,10 +7,12 @@
 | `linear` | `F.linear(x, weight, bias)` | a row's bits do not depend on how many rows run with it (bfloat16; float32 after `set_row_invariant_float32(True)`; float16 as measured) |
 | `attend` | `F.scaled_dot_product_attention(q, k, v, mask, scale=1.0)` with GQA | up to `INVARIANT_QUERY_ROWS` query rows: a row's bits depend only on that row, the keys it sees and the key length |
 | `gelu_tanh` | `F.gelu(x, approximate="tanh")` | an element's bits do not depend on the tensor's length |
+| `prefill_pieces` | one forward over the whole input | a forward of more than `INVARIANT_QUERY_ROWS` positions runs in pieces computed as verify passes: a position's K/V and logits do not depend on how its prompt was split |
 
 Why these promises matter: greedy speculative decoding gives exactly the target-only output only if a position's
 logits are the same bits whether the position is computed alone (a one-token decode), as one row of a verify pass
-(k + 1 rows), or inside a batch. BLAS and SDPA kernels do not promise that; the paths below do, and
+(k + 1 rows), inside a batch, or in a prefill of any length (a chat turn prefills only what its cache does not hold,
+a fresh `generate` the whole history). BLAS and SDPA kernels do not promise that; the paths below do, and
 tests/test_layers.py and tests/test_dtype_equivalence.py check them bit for bit. Off the CPU (CUDA) every function
 takes the generic path (`generic.py`: the reference definitions, and SDPA called so that it runs a fused kernel),
 which CPU runs take too inside `generic_path()`.
@@ -35,14 +37,34 @@ _ONEDNN_DTYPES = {torch.bfloat16}
 
 def set_row_invariant_float32(enabled: bool) -> None:
     """Run float32 CPU inference products through the row-invariant oneDNN path too (off by default).
-    Measured on a 2-core EPYC, 1 thread: decode 1.7x slower on an E2B-shaped model (oneDNN's 2-row float32 kernel
-    reads the weight at about half the speed of the row-block path) and 2.2x slower on the bundled tiny target
-    (~20 us more per call), verification over 5 tokens 1.8x faster. Without it a float32 row can differ in its
-    last bits between a one-token decode and a verify pass of 2+ (F.linear) or 4+ (row blocks) tokens."""
+    Measured (scripts/bench_float32.py, 1 thread, a 2-core EPYC at load average 13-19, interleaved medians):
+    bundled target: decode step 2.1x, 5-token verify pass 2.0x, greedy speculative generate of 128 tokens 1.65x
+    the default's time; E2B-shaped model (5 layers): decode step 1.4x (oneDNN's 2-row float32 kernel reads the
+    weight more slowly than the row-block path), 5-token verify pass 0.52x. Without it a float32 row can differ in
+    its last bits between a one-token decode and a verify pass of 2+ (F.linear) or 4+ (row blocks) tokens, and
+    greedy output equals target-only output only up to near-ties (`row_invariant`, README "Limits")."""
     if enabled:
         _ONEDNN_DTYPES.add(torch.float32)
     else:
         _ONEDNN_DTYPES.discard(torch.float32)
+
+
+def row_invariant_float32() -> bool:
+    """Whether float32 CPU products take the row-invariant path (`set_row_invariant_float32`)."""
+    return torch.float32 in _ONEDNN_DTYPES
+
+
+def row_invariant(t: torch.Tensor) -> bool:
+    """Whether computations in `t`'s dtype on `t`'s device keep this module's row-invariance promises, and with
+    them bit-exact greedy speculative decoding and chat turns: on the CPU, bfloat16 (through oneDNN), float16 (as
+    measured) and float32 after `set_row_invariant_float32(True)`; by default float32 keeps MKL's faster kernels,
+    whose rows depend on the row count, so greedy outputs may differ from target-only ones where two logits are
+    within rounding (~1e-6) of each other. The generic path (`generic.py`) promises no row invariance."""
+    if generic(t):
+        return False
+    if t.dtype == torch.float16:
+        return True
+    return t.dtype in _ONEDNN_DTYPES and _onednn_inner_product(t.dtype)
 
 
 _ONEDNN_WORKS: dict[torch.dtype, bool] = {}  # probed once per dtype, outside any compiled graph
@@ -85,7 +107,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows and any row index; a single row is computed as two copies of itself, so that it takes the same 2+ row
     kernel (tests/test_layers.py checks this bit for bit). It costs nothing: within 15% of F.linear either way from
     1 to 2048 rows on E2B's MLP shapes, and ~15 us more on a 1-row product with a tiny weight (2 threads).
-    Float16 runs the paths below, row-invariant as they are (measured). Float32 takes the oneDNN path only after
+    Float16 runs the paths below where oneDNN has no float16 kernel (CPUs without AVX512-FP16): row-invariant as
+    they are, measured on a 2-core EPYC from 1 to 300 rows on every tiny and E2B shape, 1 and 2 threads. Float32 takes the oneDNN path only after
     `set_row_invariant_float32(True)`, as it slows float32 decoding down (see there).
 
     Row blocks (float16, float32 by default, no oneDNN). A product of a few tokens is bound
@@ -172,6 +195,33 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # Attention over at most this many query rows (decode, drafting, verification) runs as `_attend_rows`, whose result
 # for a row does not depend on the other rows; longer ones (prefills, training) run as SDPA.
 INVARIANT_QUERY_ROWS = 64
+
+
+def prefill_pieces(t: torch.Tensor, blocks: torch.Tensor | None = None) -> list[tuple[int, int]] | None:
+    """How a forward over the S new positions of input ids `t` [B, S] runs: as consecutive pieces [(start, end),
+    ...], or None for one pass. On CPU a longer input (a prefill) runs in pieces of at most `INVARIANT_QUERY_ROWS`
+    positions, each computed as a verify pass of that length is: its attention takes `_attend_rows`, and its
+    sliding layers write their ring before attending over it (gemma4/cache.py), so a position's keys lie in the
+    same layout whatever came before it. A position's K/V and logits then do not depend on how its prompt was
+    split: one prefill, a chat history continued turn by turn, decode steps (tests/test_dtype_equivalence.py).
+    An image whose positions see each other (`blocks` [B, S]: the image of each position, -1 for text) is never
+    cut: it runs as a piece of its own, whatever its length, so it too is computed the same way in every split.
+    The generic path (`generic.py`) runs one pass. Costs: docs/loop.md."""
+    S = t.shape[1]
+    if generic(t) or S <= INVARIANT_QUERY_ROWS:
+        return None
+    if blocks is None:
+        return [(start, min(start + INVARIANT_QUERY_ROWS, S)) for start in range(0, S, INVARIANT_QUERY_ROWS)]
+    inside = ((blocks[:, 1:] == blocks[:, :-1]) & (blocks[:, 1:] >= 0)).any(0).tolist()  # i + 1 continues an image
+    edge = (blocks[:, 1:] != blocks[:, :-1]).any(0).tolist()  # an image starts or ends before i + 1
+    pieces, start = [], 0
+    for i in range(1, S):
+        if not inside[i - 1] and (edge[i - 1] or i - start == INVARIANT_QUERY_ROWS):
+            pieces.append((start, i))
+            start = i
+    return pieces + [(start, S)]
+
+
 # Full-attention layers read their keys in blocks of this many positions (the cache pads their length to a multiple).
 KEY_BLOCK = 256
 # MKL's float32 GEMM computes a row with one kernel for 1-3 rows and another for 4+: every product has 4+ rows.

@@ -18,7 +18,7 @@ from torch import nn
 from .cache import KVCache, Step
 from .config import Gemma4Config, LayerSpec
 from .generic import last_rows
-from .kernels import gelu_tanh, linear
+from .kernels import gelu_tanh, linear, prefill_pieces
 from .layers import MLP, Attention, Linear, RMSNorm, rope_cos_sin
 from .moe import Experts, Router
 
@@ -153,13 +153,31 @@ class Gemma4Model(nn.Module):
         blocks = None
         if image_features is not None and self.config.use_bidirectional_attention == "vision":
             blocks = image_blocks(input_ids == self.config.image_token_id)
-        return self.run_step(input_ids, cache.begin(S, rows, blocks), cache, keep, image_features)
+        pieces = None
+        if not (torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad):  # training: one pass
+            pieces = prefill_pieces(input_ids, blocks)
+        if pieces is None:
+            return self.run_step(input_ids, cache.begin(S, rows, blocks), cache, keep, image_features)
+        outputs, images = [], 0
+        for start, end in pieces:  # each piece computed as a verify pass over its positions is (kernels.py)
+            ids, features = input_ids[:, start:end], None
+            if image_features is not None:
+                count = int((ids == self.config.image_token_id).sum())
+                features, images = (image_features[images:images + count] if count else None), images + count
+            wanted = min(end - start, max(0, keep - (S - end)))  # this piece's positions among the last `keep`
+            step = cache.begin(end - start, rows, None if blocks is None else blocks[:, start:end])
+            out = self.run_step(ids, step, cache, wanted, features)
+            if out is not None:
+                outputs.append(out)
+        return ModelOutput(torch.cat([o.logits for o in outputs], dim=1),
+                           torch.cat([o.hidden_states for o in outputs], dim=1))
 
     def run_step(self, input_ids: torch.Tensor, step: Step, cache: KVCache, keep: int,
-                 image_features: torch.Tensor | None = None) -> ModelOutput:
+                 image_features: torch.Tensor | None = None) -> ModelOutput | None:
         """The forward itself, after the cache has reserved the positions (`step`): tensors in, tensors out, no
         decision that depends on a tensor's value. This is what `torch.compile` compiles (speculative/compiled.py):
-        the cache's bookkeeping stays in Python, outside the graph."""
+        the cache's bookkeeping stays in Python, outside the graph. `keep=0` (a prefill's pieces before the last)
+        only fills the cache: the trailing KV-sharing layers and the head are skipped, and None is returned."""
         S = input_ids.shape[1]
         masks = step.masks
         x, ple = self.embed_prompt(input_ids, image_features)  # [B, S, H], [B, S, L, P]
@@ -170,11 +188,15 @@ class Gemma4Model(nn.Module):
         shared: dict = {}  # attention type -> (K, V) of its "store" layer in this pass, read by "reuse" layers
         for spec, layer in zip(self.config.layers, self.layers):
             if spec.index == self.kv_shared_from and keep < S:  # from here on only the kept rows matter
+                if keep == 0:  # nothing from here on writes the cache
+                    return None
                 x, ple = x[:, -keep:], ple[:, -keep:] if ple is not None else None
                 rope = {t: (cos[:, -keep:], sin[:, -keep:]) for t, (cos, sin) in rope.items()}
                 masks = {t: last_rows(m, keep) for t, m in masks.items()}
             t = spec.attention_type
             x = layer(x, *rope[t], masks[t], cache, shared, ple[:, :, spec.index] if ple is not None else None)
+        if keep == 0:
+            return None
         h = self.norm(x[:, -keep:])  # [B, keep, H]
         return ModelOutput(self.head(h), h)
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_common, chat
 import torch  # noqa: E402
 
 from drafter import IncompatibleDrafterError  # noqa: E402
-from gemma4 import CacheError, ConfigError  # noqa: E402
+from gemma4 import CacheError, ConfigError, kernels  # noqa: E402
 from speculative import SCHEDULES, NumericalError, generate, generate_batch  # noqa: E402
 from weights import (  # noqa: E402
     ChatTemplateError, CheckpointError, load_chat_template, load_drafter, load_target, load_tokenizer, render_chat,
@@ -145,6 +145,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if torch sees a GPU, "
                    "else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--row-invariant-float32", action="store_true", help="float32 on the CPU: products through "
+                   "the row-invariant kernel bfloat16 always takes (gemma4.kernels.set_row_invariant_float32), so "
+                   "that greedy speculative output is bit for bit the target's (slower: about 2x per decode step "
+                   "on the bundled pair); by default float32 takes faster kernels whose rows depend on the row "
+                   "count, and a near-tie can flip a greedy token")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--show-drafts", action="store_true", help=SHOW_DRAFTS_HELP)
@@ -582,12 +587,15 @@ def main(argv=None) -> int:
     check_args(args)
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads or default_threads())
+    invariant = kernels.row_invariant_float32()
+    kernels.set_row_invariant_float32(invariant or args.row_invariant_float32)
     try:
         return run(args)
     except Interrupted as e:
         return report_interrupted(e.printer, args)
     finally:
         torch.set_num_threads(previous)
+        kernels.set_row_invariant_float32(invariant)
 
 
 def run(args) -> int:
@@ -624,14 +632,27 @@ def run(args) -> int:
             same = (f"{'identical' if equal else 'different'} (expected under sampling: the two runs draw different "
                     "random numbers; speculative sampling keeps the target's distribution, not its text)")
         log(f"{f'speed-up {speedup:.2f}x' if speedup is not None else SPEEDUP_UNMEASURABLE}; outputs {same}")
+        exact = kernels.row_invariant(target.embed_tokens.weight)
+        if options["temperature"] == 0 and not exact:
+            log(f"note: {not_exact_reason(target)}: outputs are compared up to rounding, not bit for bit (a "
+                "near-tie can flip a token)")
         if options["temperature"] == 0 and not equal:
             log("warning: greedy outputs differ (a near-tie flipped by rounding, or a bug)")
-        report.update(speedup=speedup, outputs_equal=equal, baseline={"tokens": baseline.tokens,
-                                                                         "stats": baseline.stats.to_dict()})
+        report.update(speedup=speedup, outputs_equal=equal, row_invariant=exact,
+                      baseline={"tokens": baseline.tokens, "stats": baseline.stats.to_dict()})
     if args.json:
         text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer is not None else None
         print(json.dumps({"tokens": result.tokens, "text": text, "stats": result.stats.to_dict(), **report}))
     return 0
+
+
+def not_exact_reason(target) -> str:
+    """Why this run's kernels do not make greedy speculative output bit for bit the target-only output."""
+    if target.device.type == "cpu" and target.dtype == torch.float32:
+        return ("float32 on the CPU runs its default products, whose rows depend on the row count "
+                "(--row-invariant-float32 or --dtype bfloat16 compare bit for bit)")
+    return (f"{str(target.dtype)[6:]} on {target.device.type}: the generic path's kernels (gemma4/generic.py) are "
+            "not row-invariant")
 
 
 def with_images(args, target, ids: list[int], images: list) -> tuple[list[int], torch.Tensor | None]:

@@ -311,6 +311,25 @@ def test_float16_overflow_is_one_line_naming_the_dtype(tmp_path, capsys):
     assert code == 2 and "contain NaN or inf" in line and "--dtype bfloat16" in line
 
 
+def test_compare_says_when_float32_outputs_are_compared_under_products_that_are_not_row_invariant(models, capsys):
+    """Float32's default CPU products give a row other bits with other row counts (tests/test_layers.py::
+    test_the_default_float32_path_is_not_row_invariant), so greedy --compare in float32 is exact only up to
+    rounding, and says so (stderr and JSON); with --row-invariant-float32 (restored after the run) or bfloat16 it
+    compares bit for bit and says nothing. Before, --compare claimed nothing either way and had no such option."""
+    from gemma4 import kernels
+
+    base = ["--target", models, "--prompt-ids", "5,6,7", "--max-new-tokens", 6, "--compare", "--json"]
+    code, out, err = run(base, capsys)
+    assert code == 0, err
+    assert "up to rounding" in err and "--row-invariant-float32" in err and last_json(out)["row_invariant"] is False
+    for extra in (["--row-invariant-float32"], ["--dtype", "bfloat16"]):
+        code, out, err = run(base + extra, capsys)
+        assert code == 0, err
+        assert "up to rounding" not in err and last_json(out)["row_invariant"] is True, extra
+        assert last_json(out)["outputs_equal"] is True
+    assert not kernels.row_invariant_float32()
+
+
 def test_compare_with_one_token_does_not_claim_a_speedup(models, capsys):
     code, out, err = run(["--target", models, "--prompt-ids", "5,6", "--max-new-tokens", 1, "--compare", "--json"],
                          capsys)

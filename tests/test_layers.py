@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import contextlib
 
-from gemma4.kernels import linear, set_row_invariant_float32
+from gemma4.kernels import linear, row_invariant, set_row_invariant_float32
 
 SHAPES = {
     "tall": (4096, 256),  # the E2B-like case: out >> in, 4 MB
@@ -132,18 +132,20 @@ def test_a_rows_product_does_not_depend_on_the_other_rows(name, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("shape", [(64, 64), (256, 128), (2048, 1536)], ids=["tiny-64", "tiny-mlp", "e2b-q"])
-def test_bfloat16_rows_are_invariant_at_batch_and_prefill_row_counts(shape):
-    """A batch of 8 verifying 8 drafts computes 72 rows, heuristic drafting 33 per prompt, a chat turn hundreds:
-    each row must still equal the row computed alone. F.linear failed this in bfloat16 on a [64, 64] weight for
-    some inputs from 2 rows on (an E4B-like tiny pair's greedy outputs differed in 2 of 50 prompts), and every
-    product of more than 32 rows took F.linear before all bfloat16 products took oneDNN."""
+def test_half_precision_rows_are_invariant_at_batch_and_prefill_row_counts(shape, dtype):
+    """A batch of 8 verifying 8 drafts computes 72 rows, heuristic drafting 33 per prompt, a prefill piece 64, a
+    batch's prefill hundreds: each row must still equal the row computed alone. F.linear failed this in bfloat16
+    on a [64, 64] weight for some inputs from 2 rows on (an E4B-like tiny pair's greedy outputs differed in 2 of 50
+    prompts), and every product of more than 32 rows took F.linear before all bfloat16 products took oneDNN.
+    Float16 (row blocks up to 16 rows, F.linear above where oneDNN has no float16 kernel) up to 72 rows."""
     gen = torch.Generator().manual_seed(1)
-    weight = (torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16)
-    x = torch.randn(300, shape[1], generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(shape, generator=gen) * 0.05).to(dtype)
+    x = torch.randn(300 if dtype == torch.bfloat16 else 72, shape[1], generator=gen).to(dtype)
     with torch.inference_mode():
         alone = torch.cat([linear(x[i:i + 1], weight) for i in range(x.shape[0])])
-        for tokens in (2, 33, 72, 264, 300):
+        for tokens in (2, 17, 33, 64, 72, 264, 300)[:None if dtype == torch.bfloat16 else 5]:
             together = linear(x[:tokens], weight)
             assert torch.equal(together, alone[:tokens]), f"{shape}, {tokens} rows"
 
@@ -166,6 +168,6 @@ def test_the_default_float32_path_is_not_row_invariant():
     gen = torch.Generator().manual_seed(0)
     weight, x = torch.randn(2048, 1536, generator=gen) * 0.02, torch.randn(17, 1536, generator=gen)
     with torch.inference_mode():
-        assert _rows_alone_and_together(weight, x)
+        assert _rows_alone_and_together(weight, x) and not row_invariant(weight)  # what generate.py --compare says
         with path_of("float32-invariant"):
-            assert not _rows_alone_and_together(weight, x)
+            assert not _rows_alone_and_together(weight, x) and row_invariant(weight)

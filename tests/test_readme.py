@@ -88,3 +88,21 @@ def test_commands_for_released_models_ask_for_bfloat16():
     commands = [line for line in README.splitlines() if re.search(r"generate\.py .*--target google/", line)]
     assert len(commands) >= 3
     assert all("--dtype bfloat16" in line for line in commands), [c for c in commands if "--dtype" not in c]
+
+
+def test_the_readme_states_where_float32_is_not_bit_exact():
+    """The README promises exactly the target's output; float32's default CPU products are not row-invariant
+    (gemma4.kernels.row_invariant, checked against the products themselves in tests/test_layers.py), so the promise
+    must name that exception and the way out. It stated the promise unconditionally before."""
+    import torch
+
+    from gemma4 import kernels
+
+    readme = (ROOT / "README.md").read_text()
+    assert kernels.row_invariant(torch.zeros(1, dtype=torch.bfloat16))
+    if not kernels.row_invariant(torch.zeros(1)):  # the default float32 path
+        intro = readme[:readme.index("## Start here")]
+        assert "float32 with row-invariant products" in intro and "(#limits)" in intro
+        limits = readme[readme.index("**Exactness, precisely.**"):readme.index("- A batch drafts one k")]
+        for needed in ("set_row_invariant_float32(True)", "--row-invariant-float32", "--compare", "near-tie"):
+            assert needed in limits, needed
