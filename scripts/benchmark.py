@@ -34,6 +34,10 @@ Sections, one function each:
 - compiled: generate(..., compile=True) against the eager loop and transformers' assisted generation on the bundled
             pair (greedy, after the warm-up; its compile seconds reported), and a compiled decode step and 5-token
             verify on an E2B-shaped model next to eager and transformers (on CUDA too when a GPU is present).
+- schedules: the draft-length schedules (auto, constant N = 1..8, heuristic) next to target-only decoding, on a grid:
+            code prompts (high acceptance) and English prose (low), and a deliberately costly drafter; batch sizes 1,
+            4, 8, 16; float32 and bfloat16. Decode tokens/s per cell, outputs checked equal to target-only; the k
+            `auto` chooses over a generation that goes from code to prose.
 Timing hygiene: a fixed torch thread count, warm-up runs, medians, torch.inference_mode(); float32 on CPU.
 Random checkpoints are written tensor by tensor into a temporary folder and deleted afterwards.
 """
@@ -68,7 +72,7 @@ from weights import load_drafter, load_target, load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 S, F = "sliding_attention", "full_attention"
-SECTIONS = ("forward", "spec", "tradeoff", "memory", "cuda", "e2b", "training", "batch", "compiled")
+SECTIONS = ("forward", "spec", "tradeoff", "memory", "cuda", "e2b", "training", "batch", "compiled", "schedules")
 MEASURED_ELSEWHERE = {"training"}  # written from scripts/train_drafter.py's report: kept as it is in BENCHMARKS.md
 CPU_DTYPE = torch.float32
 
@@ -360,7 +364,7 @@ def section_spec(args, q: dict) -> list[str]:
     hf_drafter.register_forward_hook(lambda *_: calls.__setitem__("drafter", calls["drafter"] + 1))
 
     def ours(ids):
-        res = generate(target, drafter, ids, max_new_tokens=q["new_tokens"], num_draft_tokens=n)
+        res = generate(target, drafter, ids, max_new_tokens=q["new_tokens"], num_draft_tokens=n, schedule="constant")
         return res.tokens, res.stats.target_forward_passes, res.stats.drafted, res.stats.accepted
 
     @torch.inference_mode()
@@ -763,7 +767,7 @@ def section_batch(args, q: dict) -> list[str]:
     n = args.draft_tokens or drafter.generation_config.get("num_assistant_tokens", 6)
     prompts = batch_prompts(args.models, max(BATCH_SIZES), q["batch_short"], q["batch_long"])
     new = q["batch_new"]
-    modes = {"target only": (None, {}), "speculative": (drafter, {"num_draft_tokens": n})}
+    modes = {"target only": (None, {}), "speculative": (drafter, {"num_draft_tokens": n, "schedule": "constant"})}
     variants = {"keep finished rows (frozen)": dict(finished="keep"),
                 "heuristic, k = rows' max, capped per row": dict(schedule="heuristic"),
                 "heuristic, k = rows' min": dict(schedule="heuristic", draft_length="min")}
@@ -773,7 +777,8 @@ def section_batch(args, q: dict) -> list[str]:
     reference = {}
     for _ in range(q["repeats"]):  # interleaved: a slow spell of a shared machine hits every cell alike
         for (mode, b), walls in runs.items():
-            model, options = modes.get(mode, (drafter, {"num_draft_tokens": n, **variants.get(mode, {})}))
+            model, options = modes.get(mode, (drafter, {"num_draft_tokens": n, "schedule": "constant",
+                                                        **variants.get(mode, {})}))
             wall, tokens, results = run_batches(target, model, prompts, b, new, **options)
             walls.append(tokens / wall)
             reference.setdefault(mode, [r.tokens for r in results])
@@ -870,7 +875,8 @@ def section_compiled(args, q: dict) -> list[str]:
     n = args.draft_tokens or drafter.generation_config.get("num_assistant_tokens", 6)
     prompts = held_out_prompts(args.models, q["prompts"], q["prompt_tokens"])
     start = time.perf_counter()
-    first = generate(target, drafter, prompts[0], max_new_tokens=q["new_tokens"], num_draft_tokens=n, compile=True)
+    first = generate(target, drafter, prompts[0], max_new_tokens=q["new_tokens"], num_draft_tokens=n, compile=True,
+                     schedule="constant")
     cold = time.perf_counter() - start
     again = generate(target, drafter, prompts[1], max_new_tokens=q["new_tokens"], schedule="heuristic",
                      compile=True)
@@ -880,7 +886,8 @@ def section_compiled(args, q: dict) -> list[str]:
     hf_drafter.generation_config.num_assistant_tokens_schedule = "constant"
 
     def ours(ids, compiled):
-        res = generate(target, drafter, ids, max_new_tokens=q["new_tokens"], num_draft_tokens=n, compile=compiled)
+        res = generate(target, drafter, ids, max_new_tokens=q["new_tokens"], num_draft_tokens=n, compile=compiled,
+                       schedule="constant")
         return res.tokens, res.stats.compile_seconds
 
     @torch.inference_mode()
@@ -972,6 +979,186 @@ def compiled_e2b_costs(args, q: dict, device: str) -> list[str]:
     return lines
 
 
+# ---- draft-length schedules -------------------------------------------------------------------------------------
+class CostlyDrafter:
+    """The bundled drafter with every step computed `repeat` times (the same result each time): a drafter whose steps
+    cost about as much as the target's decode step, so that speculation cannot pay."""
+
+    def __init__(self, drafter, repeat: int):
+        self.drafter, self.repeat = drafter, repeat
+        self.config, self.generation_config = drafter.config, drafter.generation_config
+        self.sliding_history = drafter.sliding_history
+
+    def context(self, position, views):
+        return self.drafter.context(position, views)
+
+    def step(self, *args, **kwargs):
+        for _ in range(self.repeat - 1):
+            self.drafter.step(*args, **kwargs)
+        return self.drafter.step(*args, **kwargs)
+
+
+def prose_paragraphs() -> list[str]:
+    """English prose: the paragraphs of Python's pydoc topics that are plain sentences (no grammar, no code)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for par in topics[name].split("\n\n"):
+            text = " ".join(line.strip() for line in par.splitlines())
+            if len(text) > 300 and par[:1].isalpha() and not any(c in par for c in "::=>>>{}[]()_*`"):
+                out.append(text)
+    return out
+
+
+def prose_prompts(models: Path, count: int, length: int) -> list[list[int]]:
+    tokenizer = load_tokenizer(models / "target")
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prose_paragraphs()]
+    prompts = [p[:length] for p in prompts if len(p) >= length]
+    if len(prompts) < count:
+        raise RuntimeError(f"only {len(prompts)} prose paragraphs of pydoc's topics have {length} tokens")
+    return prompts[:count]
+
+
+def decode_rate(results) -> float:
+    """A batch's decode tokens per second: every row's decode tokens over the longest row's decode seconds."""
+    return sum(r.stats.decode_tokens for r in results) / max(r.stats.decode_seconds for r in results)
+
+
+def section_schedules(args, q: dict) -> list[str]:
+    cfg = q["schedules"]
+    batches, ns, new = cfg["batches"], cfg["ns"], cfg["new"]
+    code = held_out_prompts(args.models, max(batches), cfg["prompt"])
+    prose = prose_prompts(args.models, max(batches), cfg["prompt"])
+    load = [os.getloadavg()[0]]
+    modes = [("target only", False, {}), ("auto", True, {"schedule": "auto"}),
+             *((f"N={n}", True, {"schedule": "constant", "num_draft_tokens": n}) for n in ns),
+             ("heuristic", True, {"schedule": "heuristic"})]
+    results, curves = {}, {}
+    for dtype_name in cfg["dtypes"]:
+        dtype = getattr(torch, dtype_name)
+        target = load_target(args.models / "target", dtype=dtype)
+        drafter = load_drafter(args.models / "drafter", target=target, dtype=dtype)
+        costly = CostlyDrafter(drafter, repeat=8)
+        scenarios = {"code": (drafter, code), "prose": (drafter, prose), "costly drafter, code": (costly, code)}
+        for d in (drafter, costly):  # warm-up; auto measures its costs in this process (what a first use does)
+            for b in (1, max(batches)):
+                generate_batch(target, d, code[:b], max_new_tokens=12, stop_token_ids=[])
+        generate_batch(target, None, code[:2], max_new_tokens=4, stop_token_ids=[])
+        for scenario, (d, prompts) in scenarios.items():
+            for b in batches:
+                cell = (dtype_name, scenario, b)
+                print(f"[benchmark] schedules {cell}", file=sys.stderr, flush=True)
+                want = None
+                for label, drafts, options in modes:  # one run of each schedule, back to back
+                    out = generate_batch(target, d if drafts else None, prompts[:b], max_new_tokens=new,
+                                         stop_token_ids=[], **options)
+                    want = want or [r.tokens for r in out]
+                    assert [r.tokens for r in out] == want, f"{cell} {label}: outputs differ from target-only"
+                    results[cell, label] = decode_rate(out)
+                    if label == "auto":
+                        results[cell, "auto k"] = statistics.mean(k for r in out for k in r.stats.draft_lengths)
+        if dtype_name == "float32":
+            curves = schedule_curve(target, drafter, code[0], prose, cfg["curve"])
+    load.append(os.getloadavg()[0])
+    lines = [f"The bundled pair; {max(batches)} held-out code prompts (the drafter's domain) and {max(batches)} "
+             f"English prose paragraphs (pydoc's topics) of {cfg['prompt']} tokens; the costly drafter is the "
+             "bundled one computing each step 8 times (same drafts, about the cost of a target decode step). Each "
+             f"cell runs the first B prompts as one batch, greedy, {new} new tokens per row, "
+             f"{torch.get_num_threads()} threads; decode tokens/s = all rows' decode tokens / the batch's decode "
+             "seconds (prefill excluded). One run per schedule, the schedules back to back within each cell; every "
+             "output equals target-only (checked). `auto` starts each generation with no acceptance knowledge and "
+             "with the costs this process measured in earlier generations (a warm-up generation per drafter first). "
+             f"Load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f} (a shared 2-core machine: single "
+             "runs are noisy).", "",
+             "| dtype | prompts | B | target only | " + " | ".join(f"N={n}" for n in ns) + " | heuristic | auto "
+             "(mean k) | auto / target only | auto / best N |", "|---" * (8 + len(ns)) + "|"]
+    worst = {"target": (9.0, None), "best": (9.0, None)}
+    for dtype_name in cfg["dtypes"]:
+        for scenario in ("code", "prose", "costly drafter, code"):
+            for b in batches:
+                cell = (dtype_name, scenario, b)
+                base, auto = results[cell, "target only"], results[cell, "auto"]
+                best_n = max(ns, key=lambda n: results[cell, f"N={n}"])
+                best = results[cell, f"N={best_n}"]
+                r1, r2 = auto / base, auto / best
+                worst["target"] = min(worst["target"], (r1, cell))
+                worst["best"] = min(worst["best"], (r2, cell))
+                lines.append(f"| {dtype_name} | {scenario} | {b} | {base:.1f} | "
+                             + " | ".join(f"{results[cell, f'N={n}']:.1f}" for n in ns)
+                             + f" | {results[cell, 'heuristic']:.1f} | {auto:.1f} ({results[cell, 'auto k']:.1f}) | "
+                             f"{r1:.2f} | {r2:.2f} (best N={best_n}) |")
+    (r1, c1), (r2, c2) = worst["target"], worst["best"]
+    lines += ["", f"**Worst cells:** auto / target-only {r1:.2f} ({', '.join(map(str, c1))}; target >= 0.97), "
+              f"auto / best constant N {r2:.2f} ({', '.join(map(str, c2))}; target >= 0.95)."]
+    lines += plot_schedules(results, cfg, curves, args)
+    return lines
+
+
+def schedule_curve(target, drafter, code: list[int], prose: list[list[int]], new: int) -> dict:
+    """`auto`'s k over a conversation-like generation: `new` tokens after a code prompt, then, on the same cache,
+    the text so far + an English paragraph and `new` more tokens (each generate call starts its acceptance
+    estimates afresh; the costs carry over)."""
+    from speculative import new_session_cache
+
+    cache = new_session_cache(target, drafter)
+    first = generate(target, drafter, code, max_new_tokens=new, stop_token_ids=[], cache=cache)
+    history = code + first.tokens + prose[0][1:]
+    second = generate(target, drafter, history, max_new_tokens=new, stop_token_ids=[], cache=cache)
+    return {"code": first.stats.draft_lengths, "prose": second.stats.draft_lengths,
+            "rates": first.stats.expected_tokens_per_second + second.stats.expected_tokens_per_second}
+
+
+def plot_schedules(results: dict, cfg: dict, curves: dict, args) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = args.out.parent / "benchmarks" if not args.quick else args.out.parent
+    path, kpath = (folder / "schedules.png", folder / "schedules_k.png") if not args.quick else (
+        args.out.with_name("schedules.quick.png"), args.out.with_name("schedules_k.quick.png"))
+    scenarios = ("code", "prose", "costly drafter, code")
+    fig, axes = plt.subplots(len(cfg["dtypes"]), 3, figsize=(15, 4.2 * len(cfg["dtypes"])), squeeze=False)
+    for row, dtype_name in enumerate(cfg["dtypes"]):
+        for col, scenario in enumerate(scenarios):
+            a = axes[row][col]
+            cells = [(dtype_name, scenario, b) for b in cfg["batches"]]
+            x = range(len(cells))
+            for n in cfg["ns"]:
+                a.plot(x, [results[c, f"N={n}"] / results[c, "target only"] for c in cells], color="tab:blue",
+                       alpha=0.25 + 0.075 * n, lw=1, label="constant N (darker: larger)" if n == cfg["ns"][0] else None)
+            a.plot(x, [results[c, "heuristic"] / results[c, "target only"] for c in cells], "s--", color="gray",
+                   label="heuristic")
+            a.plot(x, [results[c, "auto"] / results[c, "target only"] for c in cells], "o-", color="tab:red", lw=2.5,
+                   label="auto")
+            a.axhline(1.0, color="black", lw=0.8)
+            a.set_xticks(list(x), [str(b) for b in cfg["batches"]])
+            a.set(title=f"{scenario}, {dtype_name}", xlabel="batch size", ylabel="tokens/s / target-only")
+            a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    lines = ["", f"![tokens/s per cell and schedule]({path.relative_to(args.out.parent)})"
+             if path.is_relative_to(args.out.parent) else f"plot: {path}"]
+    if curves:
+        fig, a = plt.subplots(figsize=(9, 3.2))
+        ks = curves["code"] + curves["prose"]
+        a.step(range(len(ks)), ks, where="post", color="tab:red")
+        a.axvline(len(curves["code"]), color="gray", ls=":")
+        a.text(len(curves["code"]) + 0.5, max(ks) * 0.9 if ks else 1, "prose paragraph appended", fontsize=8)
+        a.set(xlabel="decode pass", ylabel="k chosen by auto", title="auto's draft length: code, then English prose "
+              "(float32, batch 1)")
+        fig.tight_layout()
+        fig.savefig(kpath, dpi=110)
+        plt.close(fig)
+        lines += ["", f"![k over a generation]({kpath.relative_to(args.out.parent)})"
+                  if kpath.is_relative_to(args.out.parent) else f"plot: {kpath}",
+                  "", f"Mean k: {statistics.mean(curves['code']):.2f} over the code part, "
+                  f"{statistics.mean(curves['prose']):.2f} over the prose part."]
+    return lines
+
+
 KEPT = "Kept from an earlier run (not rerun by `--only"
 
 
@@ -995,12 +1182,15 @@ def settings(quick: bool) -> dict:
         return dict(prompt=64, decode=4, reps=1, context=64, ns=[0, 1, 3, 4], verify_reps=2, prompts=2,
                     prompt_tokens=48, new_tokens=24, repeats=1, tradeoff_ns=[1, 2, 4], cost_reps=5,
                     memory_layers=(5, 0), e2b=dict(prompt=16, decode=3, reps=1, context=16, ns=[0, 4], verify_reps=2),
-                    batch_short=16, batch_long=48, batch_new=12)
+                    batch_short=16, batch_long=48, batch_new=12,
+                schedules=dict(batches=(1, 4), dtypes=("float32",), prompt=32, new=12, ns=(1, 4), curve=16))
     return dict(prompt=512, decode=32, reps=3, context=300, ns=list(range(9)), verify_reps=7, prompts=5,
                 prompt_tokens=120, new_tokens=128, repeats=3, tradeoff_ns=list(range(1, 9)), cost_reps=30,
                 memory_layers=(35, 20),
                 e2b=dict(prompt=64, decode=8, reps=1, context=64, ns=[0, 4], verify_reps=5),
-                batch_short=40, batch_long=160, batch_new=96)
+                batch_short=40, batch_long=160, batch_new=96,
+                schedules=dict(batches=(1, 4, 8, 16), dtypes=("float32", "bfloat16"), prompt=48, new=32,
+                               ns=tuple(range(1, 9)), curve=96))
 
 
 def machine() -> list[str]:
@@ -1070,10 +1260,11 @@ def main(argv=None) -> int:
               "e2b": "6. The real E2B text geometry on CPU: loading, decode and verify, ours vs transformers",
               "training": "7. Training a drafter for a new domain (bundled tiny pair, `scripts/train_drafter.py`)",
               "batch": "8. Batched decoding: tokens/s per batch size, speculative and target-only",
-              "compiled": "9. The compiled path (torch.compile), ours eager vs compiled vs transformers"}
+              "compiled": "9. The compiled path (torch.compile), ours eager vs compiled vs transformers",
+              "schedules": "10. Draft-length schedules: auto against target-only and every constant N"}
     functions = {"forward": section_forward, "spec": section_spec, "tradeoff": section_tradeoff,
                  "memory": section_memory, "cuda": section_cuda, "e2b": section_e2b, "batch": section_batch,
-                 "compiled": section_compiled}
+                 "compiled": section_compiled, "schedules": section_schedules}
     command = "python scripts/benchmark.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     models = args.models.relative_to(ROOT) if args.models.is_relative_to(ROOT) else args.models
     doc = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",

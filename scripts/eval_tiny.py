@@ -113,7 +113,8 @@ def run_generations(target, drafter, prompts, ns: list[int], new_tokens: int, re
     for rep in range(repeats):
         for i, ids in enumerate(prompts):
             for mode in [None, *ns]:
-                res = generate(target, drafter if mode else None, ids, max_new_tokens=new_tokens, num_draft_tokens=mode)
+                res = generate(target, drafter if mode else None, ids, max_new_tokens=new_tokens, num_draft_tokens=mode,
+                               schedule="constant")
                 key = (mode, i)
                 if key not in best or res.stats.decode_seconds < best[key].stats.decode_seconds:
                     best[key] = res

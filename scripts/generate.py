@@ -60,7 +60,8 @@ DRAFTER_TYPE = "gemma4_assistant"
 SHOW_DRAFTS_HELP = (
     "instead of the answer, print one line per round: [accepted/drafted], then the drafted tokens, accepted ones in "
     "green, rejected ones in red and struck through, and the target's own next token (the bonus) in bold cyan; when "
-    "stdout is not a terminal or NO_COLOR is set, plain markers: +accepted+ -rejected- *bonus*"
+    "stdout is not a terminal or NO_COLOR is set, plain markers: +accepted+ -rejected- *bonus*; with the auto "
+    "schedule, the draft length k it chose and the tokens per second it expected of that choice"
 )
 PROMPTS_FILE_HELP = (
     "many prompts: one per line (plain text, blank lines skipped), or JSONL (.jsonl, or every line a JSON object) "
@@ -130,10 +131,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", action="append", metavar="PATH", help=IMAGE_HELP)
     p.add_argument("--audio", metavar="PATH", help="not supported: " + AUDIO_REFUSAL.split(": ", 1)[1])
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
-    p.add_argument("--num-draft-tokens", type=int, help="tokens drafted per round (default: the drafter's "
-                   "generation_config num_assistant_tokens)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                   help="constant: N every round; heuristic: +2 after a fully accepted round, -1 otherwise")
+    p.add_argument("--num-draft-tokens", type=int, help="N, tokens drafted per round (auto: the most; default: "
+                   "the drafter's generation_config num_assistant_tokens)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="auto",
+                   help="auto (default): each round the draft length in 0..N with the most expected tokens per "
+                   "second, from this run's measured step costs and the acceptance so far (with --seed, sampling repeats in "
+                   "law, not draw for draw: the choices depend on timing); constant: N every round; heuristic: +2 "
+                   "after a fully accepted round, -1 otherwise"),
     p.add_argument("--temperature", type=float, help="0 = greedy, else at least 1e-5 (default: from "
                    "generation_config.json)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: from "
@@ -525,7 +529,9 @@ class Printer:
             shown += [self.mark(self.piece(t), self.RED, "-") for t in info.drafted[info.accepted :]]
             if info.bonus is not None:
                 shown.append(self.mark(self.piece(info.bonus), self.BOLD, "*"))
-            print(f"[{info.accepted}/{len(info.drafted)}] " + " ".join(shown), flush=True)
+            why = ("" if info.expected_tokens_per_second is None else
+                   f"   (k = {len(info.drafted)}: {info.expected_tokens_per_second:.1f} tokens/s expected)")
+            print(f"[{info.accepted}/{len(info.drafted)}] " + " ".join(shown) + why, flush=True)
         elif self.quiet:
             return
         elif self.stream is not None:

@@ -80,7 +80,7 @@ def measure(target, drafter, prompts, *, max_new_tokens: int, modes: list[str]) 
         want = generate(target, None, prompt, max_new_tokens=max_new_tokens, stop_token_ids=[]).tokens
         for mode in modes:
             options = ({"schedule": "heuristic", "num_draft_tokens": 2} if mode == "heuristic"
-                       else {"num_draft_tokens": int(mode[2:])})
+                       else {"num_draft_tokens": int(mode[2:]), "schedule": "constant"})
             got = generate(target, drafter, prompt, max_new_tokens=max_new_tokens, stop_token_ids=[],
                            **options).tokens
             where = first_difference(got, want)

@@ -286,7 +286,7 @@ def loop_check(target, drafters: dict, prompts: list[list[int]], n: int, new_tok
     out = {"prompts": len(prompts), "new_tokens": new_tokens, "num_draft_tokens": n,
            "target_only_tokens_per_second": base_rate}
     for name, drafter in drafters.items():
-        runs = [run_one(drafter, p, num_draft_tokens=n) for p in prompts]
+        runs = [run_one(drafter, p, num_draft_tokens=n, schedule="constant") for p in prompts]
         rounds = [r for run in runs for r in run.stats.rounds]
         tokens = sum(r.stats.decode_tokens for r in runs)
         rate = tokens / sum(r.stats.decode_seconds for r in runs)

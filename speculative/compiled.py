@@ -11,7 +11,7 @@ masks, rollbacks) runs outside the graph, in `KVCache.begin`.
 What is compiled, per model pair (kept on the target, so later generations reuse it):
 - the target's forward over the tokens of a decode step (1 per row) or a verify pass (k + 1 per row), one
   `torch.compile(dynamic=True)`: dynamo specialises the 1-token case and keeps the verify length symbolic, so a
-  heuristic schedule's changing k compiles nothing new;
+  changing k of the auto and heuristic schedules compiles nothing new (the warm-up runs every length);
 - the drafter's forward (one token per row, a fixed shape).
 Prefill stays eager: it runs once per prompt, at a length no later call repeats. `fullgraph=True` turns any graph
 break into an error, so a change that breaks compilation fails loudly (tests/test_compiled.py counts recompiles).

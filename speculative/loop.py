@@ -11,7 +11,9 @@ in ONE target forward (row b's tokens at positions L_b - 1..L_b - 1 + k), accept
 per row, and rolls row b back over its k - n_b rejected drafts (no copies): the invariant holds again with
 L_b += n_b + 1 and h[b] = hidden row n_b of b.
 
-A batch has one k per round (the verify pass has one shape), while every row keeps its own schedule: with
+A batch has one k per round (the verify pass has one shape). Under `auto` (default) the schedule chooses that k
+for the whole batch from the rows' acceptance and the measured costs, and every row may accept all of it up to its
+budget (speculative/schedule.py). Under `constant` and `heuristic` every row keeps its own schedule: with
 `draft_length="max"` (default) k is the largest draft length any row asks for and row b accepts at most its own
 k_b of the k drafts (the rest are computed and ignored), so each row's rounds are exactly those it would have alone;
 with "min", k is the smallest, and every row drafts that many. A row that has finished (stop token or budget) is
@@ -41,7 +43,8 @@ from . import sampling
 from .compiled import compiled_steps, mark_static
 from .options import check_drafter, check_options, first_num_draft_tokens, prompt_ids, stop_tokens
 from .sampling import Sampler, accept_greedy, accept_sampled
-from .schedule import MAX_DRAFT_TOKENS, max_num_draft_tokens, next_num_draft_tokens
+from .schedule import (DEFAULT_SCHEDULE, MAX_DRAFT_TOKENS, AutoPlanner, RowAcceptance, max_num_draft_tokens,
+                       measured_costs, next_num_draft_tokens)
 from .stats import GenerationResult, GenerationStats, RoundInfo, Stopwatch
 
 FINISHED_ROWS = ("drop", "keep")
@@ -50,10 +53,10 @@ DRAFT_LENGTHS = ("max", "min")
 
 @torch.inference_mode()
 def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_tokens: int | None = None,
-             schedule: str = "constant", temperature: float = 0.0, top_k: int | None = None,
+             schedule: str = DEFAULT_SCHEDULE, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop_token_ids=None,
              on_round=None, cache=None, compile: bool = False,
-             image_features: torch.Tensor | None = None) -> GenerationResult:
+             image_features: torch.Tensor | None = None, costs=None) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` (list[int], [S] or [1, S]) with `target`, drafting
     with `drafter` (None: target-only decoding). Greedy when temperature == 0, else lossless speculative sampling
     from the target's temperature / top-k / top-p distribution, reproducible with `seed`. `on_round(RoundInfo)` is
@@ -71,13 +74,19 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
 
     `image_features` [N, H]: the embeddings of the N image tokens of `input_ids` (a prompt with images:
     `weights.images.image_prompt`), used by the prefill only. Decoding, drafting and verifying after the prompt are
-    the text loop as it is: an image's positions are positions of the target's cache like any other."""
+    the text loop as it is: an image's positions are positions of the target's cache like any other.
+
+    `schedule`: "auto" (default) chooses each round's k in 0..num_draft_tokens (default: the drafter's
+    num_assistant_tokens) for the most expected tokens per second, from this process's measured round costs and
+    the acceptance seen so far; `costs=FixedCosts(...)` replaces the measured costs (then the choices, and seeded
+    sampling, repeat exactly). "constant" drafts num_draft_tokens every round; "heuristic" adapts it
+    (speculative/schedule.py)."""
     prompt = prompt_ids(input_ids, target.config.vocab_size)
     report = None if on_round is None else (lambda row, info: on_round(info))
     return _generate(target, drafter, [prompt], max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
                      schedule=schedule, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      stop_token_ids=stop_token_ids, on_round=report, cache=cache, compile=compile,
-                     images=[image_features])[0]
+                     images=[image_features], costs=costs)[0]
 
 
 def new_session_cache(target, drafter=None) -> KVCache:
@@ -90,10 +99,10 @@ def new_session_cache(target, drafter=None) -> KVCache:
 
 @torch.inference_mode()
 def generate_batch(target, drafter, prompts, *, max_new_tokens: int, num_draft_tokens: int | None = None,
-                   schedule: str = "constant", temperature: float = 0.0, top_k: int | None = None,
+                   schedule: str = DEFAULT_SCHEDULE, temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None, seed: int | None = None, stop_token_ids=None,
                    finished: str = "drop", draft_length: str = "max", on_round=None,
-                   compile: bool = False, image_features=None) -> list[GenerationResult]:
+                   compile: bool = False, image_features=None, costs=None) -> list[GenerationResult]:
     """`generate` for several prompts at once: `prompts` is a list of token-id lists (or [S] tensors) of any
     lengths. Returns one GenerationResult per prompt, in order, each with its own tokens and statistics (its
     rounds, acceptance, target passes; `decode_seconds` runs until that row finished). Every row's greedy output is
@@ -121,7 +130,7 @@ def generate_batch(target, drafter, prompts, *, max_new_tokens: int, num_draft_t
     return _generate(target, drafter, ids, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
                      schedule=schedule, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      stop_token_ids=stop_token_ids, finished="keep" if compile else finished,
-                     draft_length=draft_length, on_round=on_round, compile=compile, images=images)
+                     draft_length=draft_length, on_round=on_round, compile=compile, images=images, costs=costs)
 
 
 @dataclass
@@ -130,7 +139,8 @@ class _Row:
 
     index: int  # its place in the caller's list
     prompt_len: int
-    k: int  # the draft length its schedule asks for next
+    k: int  # the draft length its schedule asks for next (constant, heuristic)
+    acceptance: RowAcceptance | None = None  # its acceptance estimates (auto)
     out: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
     done: bool = False
@@ -138,7 +148,7 @@ class _Row:
 
 def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_draft_tokens, schedule, temperature,
               top_k, top_p, seed, stop_token_ids, finished="drop", draft_length="max",
-              on_round=None, cache=None, compile=False, images=None) -> list[GenerationResult]:
+              on_round=None, cache=None, compile=False, images=None, costs=None) -> list[GenerationResult]:
     config = target.config
     longest = max(len(p) for p in prompts)
     check_options(prompt_len=longest, max_positions=config.max_position_embeddings,
@@ -146,6 +156,8 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if drafter is not None:
         check_drafter(drafter, target)
+    if costs is not None and schedule != "auto":
+        raise ValueError(f"costs applies to schedule='auto' only, not {schedule!r}")
     stops = stop_tokens(target, stop_token_ids)
     sampler = Sampler(float(temperature), top_k, top_p)
     k0 = first_num_draft_tokens(drafter, num_draft_tokens) if drafter is not None else 0
@@ -169,8 +181,11 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
     if compile and target.device.type == "cuda":
         mark_static(cache)
     generator = new_generator(target.device, seed)
-    rows = [_Row(b, len(p), k0, stats=GenerationStats(prompt_tokens=len(p), prompt_tokens_reused=r))
-            for b, (p, r) in enumerate(zip(prompts, reused))]
+    planner = None  # auto's choices (speculative/schedule.py)
+    if schedule == "auto" and k_max > 0:
+        planner = AutoPlanner(k_max, costs or measured_costs(target, drafter, compile), target.device)
+    rows = [_Row(b, len(p), k0, stats=GenerationStats(prompt_tokens=len(p), prompt_tokens_reused=r),
+                 acceptance=planner and planner.new_row()) for b, (p, r) in enumerate(zip(prompts, reused))]
     watch = Stopwatch(target.device)
 
     images = [prompt_images(target, p, start, f, i if len(prompts) > 1 else None)
@@ -204,10 +219,15 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
         # positions within max_position_embeddings: check_options); the batch's k is the largest or the smallest.
         # A row that accepts at most k_b < k verifies positions it will not keep, which may lie past the limit: the
         # cache allows k_max of them (position_slack), so that one row's limit never shortens another's drafts.
-        wants = [min(row.k, max_new_tokens - len(row.out) - 1) if ok else 0 for row, ok in zip(active, live)]
+        rooms = [max_new_tokens - len(row.out) - 1 for row in active]
+        if planner is not None:
+            plan = planner.plan([row.acceptance if ok else None for row, ok in zip(active, live)], rooms)
+        wants = [min(plan.k if planner else row.k, room) if ok else 0 for row, room, ok in zip(active, rooms, live)]
         k = (max if draft_length == "max" else min)(w for w, ok in zip(wants, live) if ok)
         caps = [min(w, k) if draft_length == "max" else k * ok for w, ok in zip(wants, live)]
         drafts, q = draft(steps.drafter, target, token, h, cache, k, sampler, generator)  # [B, k], [B, k, V]
+        if planner is not None:
+            planner.clock.drafted()
         logits, hidden = verify(steps.target, cache, token, drafts)  # [B, k+1, V], [B, k+1, H]
         cap = torch.tensor(caps, device=target.device)
         n, bonus = accept(sampler, logits, drafts, q, cap, generator)  # [B], [B]
@@ -225,16 +245,22 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
             n_i = accepted[i]
             emitted = cut(drafted[i][:n_i] + [bonuses[i]], stops, max_new_tokens - len(row.out))
             row.out += emitted
-            record(row.stats, caps[i], n_i, len(emitted))
+            rate = plan.rates[i] if planner is not None else None
+            record(row.stats, caps[i], n_i, len(emitted), rate)
             _report(on_round, row.index, RoundInfo(drafted=drafted[i][:caps[i]], accepted=n_i,
                                                    bonus=bonuses[i] if len(emitted) == n_i + 1 else None,
-                                                   emitted=emitted))
-            row.k = next_num_draft_tokens(schedule, row.k, caps[i], n_i)
+                                                   emitted=emitted, expected_tokens_per_second=rate))
+            if planner is not None:
+                planner.record(row.acceptance, caps[i], n_i)
+            else:
+                row.k = next_num_draft_tokens(schedule, row.k, caps[i], n_i)
             back.append(k - n_i)
             if emitted[-1] in stops or len(row.out) >= max_new_tokens:
                 row.done = True
                 row.stats.decode_seconds = decode.since_start()
         new_token, new_h = commit(cache, hidden, bonus, back, n)
+        if planner is not None:
+            planner.finish(B, k)
         if all(live):
             token, h = new_token, new_h
         else:  # frozen rows keep their token and h
@@ -425,8 +451,11 @@ def commit(cache, hidden, bonus, back, n) -> tuple[torch.Tensor, torch.Tensor]:
     return bonus.view(-1, 1), hidden[rows, n][:, None]
 
 
-def record(stats: GenerationStats, k: int, n: int, emitted: int) -> None:
+def record(stats: GenerationStats, k: int, n: int, emitted: int, rate: float | None = None) -> None:
     stats.target_forward_passes += 1
+    stats.draft_lengths.append(k)
+    if rate is not None:
+        stats.expected_tokens_per_second.append(rate)
     stats.drafter_steps += k
     stats.decode_tokens += emitted
     if k > 0:

@@ -1,23 +1,68 @@
-"""How many tokens to draft next round (docs/transformers.md: transformers ignores its schedule; this one works).
+"""How many tokens to draft each round (docs/loop.md#schedules; transformers ignores its own, docs/transformers.md).
 
+- `auto` (default): before every round, the k that maximises the expected new tokens per second, from measured
+  costs and each row's own acceptance (below).
 - `constant`: k every round.
 - `heuristic`: all drafted tokens accepted -> k + 2; any rejected -> max(1, k - 1). A round that drafted nothing
   (the budget allowed only the target's own token) leaves k unchanged.
 k never exceeds MAX_DRAFT_TOKENS: a verify pass over k + 1 tokens costs about one decode step only while k is small
 (the weights are read once for all rows), and the cache reserves max_rollback = k_max + 1 ring slots per sliding
 layer. The loop additionally clamps each round's k to the remaining budget and positions.
+
+`auto`, in three parts:
+- **Costs** (`MeasuredCosts`): a drafter step as a function of the rows B it drafts for, and the rest of a round
+  (the verify pass, acceptance, the host sync, the bookkeeping) as a function of the token rows of the verify pass,
+  T = B (k + 1). Both are medians of the latest rounds of this process with this target and drafter, timed around
+  the phases the loop runs anyway (`RoundClock`: no extra host sync; on CUDA the drafting phase is timed with
+  events that the round's one sync completes). A count with fewer rounds than half of SAMPLES_KEPT takes the
+  least-squares line through all counts' medians instead (on a busy machine a few rounds are noisy; the line pools
+  them). A process's first rounds with a pair measure what is missing: k = 1, then k = 0, twice each (the first
+  time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead: then
+  `auto`'s choices depend on past acceptance alone (deterministic: the tests, and seeded sampling that must repeat
+  draw for draw; with measured costs a seed repeats the law, not every draw).
+- **Acceptance** (`RowAcceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
+  per row, from that row's rounds: position j counts one trial whenever drafts 1..j-1 were accepted, a hit when j was
+  too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose). Each
+  position's estimate is shrunk towards the row's pooled rate over all positions, and that towards the batch's
+  pooled rate (PRIOR_WEIGHT pseudo-trials each), which starts at 1/2: positions a row has not drafted yet borrow
+  what is known.
+- **The choice** (`AutoPlanner.plan`): a round with k drafts costs k c_d(B) + c_v(B (k + 1)) whatever each row's
+  acceptance, and row b expects E_b(k) = 1 + sum_{i<=k} prod_{j<=i} alpha_{b,j} tokens from it (the bonus token
+  included). E_b grows with k, so a row gets every draft the round computes (up to its budget): the batch's k is
+  argmax over k in 0..K of sum_b E_b(k) / (k c_d + c_v), ties to the smaller k. k = 0 is a plain decode step.
+  Exploration: after k = 0 was chosen PROBE_AFTER rounds in a row, one round drafts 1 token (a probe), so a row
+  whose text became predictable shows it; the wait doubles after each probe (up to PROBE_MAX rounds, so probes cost
+  little where drafting never pays) and comes back to PROBE_AFTER once `auto` drafts by itself.
+Exactness: k only decides how many drafts the target verifies; greedy output is the target's for any k, and under
+sampling every token's law is the target's given the tokens before it for any k fixed before the round's draws
+(docs/loop.md#lossless-rejection-sampling); `auto`'s k is a function of earlier rounds and of clock readings,
+never of this round's draws.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
 MAX_DRAFT_TOKENS = 32  # the largest k any schedule (or the user) may ask for
 DEFAULT_DRAFT_TOKENS = 6  # when the drafter's generation_config has no num_assistant_tokens (released drafters: 6)
-SCHEDULES = ("constant", "heuristic")
+SCHEDULES = ("auto", "constant", "heuristic")
+DEFAULT_SCHEDULE = "auto"
+
+DECAY = 0.9  # auto: a row's acceptance counts fade by this per round with evidence (a memory of ~10 rounds)
+PRIOR_WEIGHT = 2.0  # auto: pseudo-trials of the prior each estimate is shrunk towards
+PROBE_AFTER, PROBE_MAX = 8, 64  # auto: rounds of k = 0 before a 1-token probe; the wait doubles up to PROBE_MAX
+SAMPLES_KEPT = 16  # auto: a cost is the median of this many latest rounds
 
 
 def next_num_draft_tokens(schedule: str, k: int, drafted: int, accepted: int) -> int:
-    """The k of the next round, given this round's scheduled k and its [drafted, accepted] counts."""
-    if schedule == "constant" or drafted == 0:
+    """The k of the next round, given this round's scheduled k and its [drafted, accepted] counts (constant and
+    heuristic; `auto` plans each round with AutoPlanner)."""
+    if schedule != "heuristic" or drafted == 0:
         return k
     if accepted == drafted:
         return min(k + 2, MAX_DRAFT_TOKENS)
@@ -25,5 +70,244 @@ def next_num_draft_tokens(schedule: str, k: int, drafted: int, accepted: int) ->
 
 
 def max_num_draft_tokens(schedule: str, k: int) -> int:
-    """The largest k a round can use under this schedule (it sizes the cache's rollback room)."""
-    return k if schedule == "constant" else MAX_DRAFT_TOKENS
+    """The largest k a round can use under this schedule (it sizes the cache's rollback room): `auto` chooses in
+    0..k, `constant` drafts k, `heuristic` may grow to MAX_DRAFT_TOKENS."""
+    return MAX_DRAFT_TOKENS if schedule == "heuristic" else k
+
+
+# ---- costs --------------------------------------------------------------------------------------------------------
+class MeasuredCosts:
+    """Seconds of a drafter step (by batch rows B) and of the rest of a round (by verify token rows T = B (k + 1)),
+    medians of the latest SAMPLES_KEPT rounds per count; kept per (target, drafter) for the whole process
+    (`measured_costs`)."""
+
+    fixed = False
+
+    def __init__(self):
+        self._step: dict[int, deque] = {}  # B -> seconds per drafter step
+        self._rest: dict[int, deque] = {}  # T -> seconds of verify + acceptance + sync + bookkeeping
+        self._seen: set = set()  # keys whose first (warm-up) sample was dropped
+        self._tables: tuple[dict, dict] | None = None
+
+    def add(self, batch: int, k: int, draft_seconds: float, rest_seconds: float) -> None:
+        """One round of `batch` rows that drafted k tokens each."""
+        if k > 0:
+            self._keep(self._step, ("step", batch), batch, draft_seconds / k)
+        self._keep(self._rest, ("rest", batch * (k + 1)), batch * (k + 1), rest_seconds)
+
+    def _keep(self, table: dict, key, count: int, seconds: float) -> None:
+        if key not in self._seen:  # a shape's first run holds one-off costs (allocation, kernel selection)
+            self._seen.add(key)
+            return
+        table.setdefault(count, deque(maxlen=SAMPLES_KEPT)).append(seconds)
+        self._tables = None
+
+    def tables(self) -> tuple[dict, dict]:
+        """({B: median seconds per drafter step}, {T: median seconds of the rest}) as measured so far."""
+        if self._tables is None:
+            self._tables = ({b: statistics.median(s) for b, s in self._step.items()},
+                            {t: statistics.median(s) for t, s in self._rest.items()})
+        return self._tables
+
+    def calibration(self, batch: int) -> int | None:
+        """The k a round must run to measure what is still missing (a drafter step, and the rest of a round at a
+        second token count), or None when every cost can be estimated."""
+        step, rest = self.tables()
+        if not step:
+            return 1
+        if len(rest) < 2:
+            return 0 if batch * 2 in rest else 1
+        return None
+
+    def drafter_step(self, batch: int) -> float:
+        return self._estimate(self._step, 0, batch)
+
+    def rest(self, tokens: int) -> float:
+        return self._estimate(self._rest, 1, tokens)
+
+    def _estimate(self, samples: dict, which: int, x: int) -> float:
+        """The median at x once x has SAMPLES_KEPT / 2 rounds, else the least-squares line through every count's
+        median (weighted by its rounds, slope >= 0): a single count's few rounds on a busy machine are noisy,
+        the line pools them."""
+        table = self.tables()[which]
+        if len(samples.get(x, ())) >= SAMPLES_KEPT // 2:
+            return table[x]
+        return fit_line({c: (table[c], len(s)) for c, s in samples.items()})(x)
+
+
+class FixedCosts:
+    """Costs given instead of measured: `drafter_step` seconds per drafter step (a number, or a function of the batch
+    rows B) and `rest`, the seconds of the rest of a round as a function of the verify pass's token rows
+    T = B (k + 1). With these, `auto` is deterministic."""
+
+    fixed = True
+
+    def __init__(self, drafter_step, rest):
+        self._step = drafter_step if callable(drafter_step) else (lambda batch: drafter_step)
+        self._rest = rest
+
+    def add(self, batch: int, k: int, draft_seconds: float, rest_seconds: float) -> None:
+        pass
+
+    def calibration(self, batch: int) -> None:
+        return None
+
+    def drafter_step(self, batch: int) -> float:
+        return float(self._step(batch))
+
+    def rest(self, tokens: int) -> float:
+        return float(self._rest(tokens))
+
+
+def fit_line(points: dict[int, tuple[float, int]]):
+    """x -> a + b x, the weighted least-squares line through {x: (y, weight)} with b >= 0 (costs do not fall with
+    more rows; a flat line through the weighted mean when the fit says they do, or there is one x)."""
+    w = sum(n for _, n in points.values())
+    mx = sum(x * n for x, (_, n) in points.items()) / w
+    my = sum(y * n for y, n in points.values()) / w
+    sxx = sum(n * (x - mx) ** 2 for x, (_, n) in points.items())
+    slope = max(0.0, sum(n * (x - mx) * (y - my) for x, (y, n) in points.items()) / sxx) if sxx > 0 else 0.0
+    return lambda x: max(1e-9, my + slope * (x - mx))
+
+
+def measured_costs(target, drafter, compiled: bool) -> MeasuredCosts:
+    """The process's MeasuredCosts of this pair (eager and compiled apart), kept on the target."""
+    store = target.__dict__.setdefault("_round_costs", {})
+    key = (id(drafter), compiled)
+    if key not in store or store[key][0] is not drafter:
+        store[key] = (drafter, MeasuredCosts())
+    return store[key][1]
+
+
+class RoundClock:
+    """Times a round's drafting and the rest of it without a host sync of its own: host clock readings, and on CUDA
+    events around the drafting (queued work; read after the round's sync, which completes them)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        if self.cuda:
+            self.e0 = torch.cuda.Event(enable_timing=True)
+            self.e0.record()
+
+    def drafted(self) -> None:
+        if self.cuda:
+            self.e1 = torch.cuda.Event(enable_timing=True)
+            self.e1.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def stop(self) -> tuple[float, float]:
+        """(drafting seconds, rest seconds); call after the round's host sync."""
+        total = time.perf_counter() - self.t0
+        drafting = self.e0.elapsed_time(self.e1) / 1000 if self.cuda else self.t1 - self.t0
+        return drafting, max(total - drafting, 0.0)
+
+
+# ---- acceptance ---------------------------------------------------------------------------------------------------
+class RowAcceptance:
+    """One row's decayed acceptance counts per draft position 1..K (see the module docstring)."""
+
+    def __init__(self, k_max: int):
+        self.hits, self.trials = [0.0] * k_max, [0.0] * k_max  # index j - 1 for position j
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """A round that let this row accept up to `drafted` drafts and accepted `accepted`."""
+        if drafted == 0:
+            return
+        for j in range(len(self.hits)):  # every position fades, tried or not: an old verdict is re-examined
+            self.hits[j] *= DECAY
+            self.trials[j] *= DECAY
+        for j in range(min(accepted + 1, drafted)):
+            self.trials[j] += 1.0
+            self.hits[j] += j < accepted
+
+    def expected_tokens(self, prior: float) -> list[float]:
+        """[E(0), ..., E(K)]: expected tokens of a round with k drafts, 1 + sum_{i<=k} prod_{j<=i} alpha_j."""
+        rate = (sum(self.hits) + PRIOR_WEIGHT * prior) / (sum(self.trials) + PRIOR_WEIGHT)
+        out, product = [1.0], 1.0
+        for hit, trial in zip(self.hits, self.trials):
+            product *= (hit + PRIOR_WEIGHT * rate) / (trial + PRIOR_WEIGHT)
+            out.append(out[-1] + product)
+        return out
+
+
+@dataclass
+class Plan:
+    """A round's draft length k, and per row the expected tokens per second of the choice (None for rows that do
+    not generate)."""
+
+    k: int
+    rates: list[float | None]
+
+
+def best_draft_length(expected: list[list[float]], drafter_step: float, rest, frozen: int = 0
+                      ) -> tuple[int, float, float]:
+    """(k, sum_b E_b(k), seconds) maximising sum_b E_b(k) / (k drafter_step + rest(B (k + 1))) over k = 0..K, where
+    expected[b] = [E_b(0), ..., E_b(K)] (a row with less room repeats its last value), B = len(expected) + frozen
+    rows that run without generating; ties go to the smaller k."""
+    rows, best = len(expected) + frozen, None
+    for k in range(len(expected[0])):
+        tokens = sum(e[k] for e in expected)
+        seconds = k * drafter_step + rest(rows * (k + 1))
+        if best is None or tokens * best[2] > best[1] * seconds * (1 + 1e-12):
+            best = (k, tokens, seconds)
+    return best
+
+
+class AutoPlanner:
+    """`auto` for one generation: the batch's pooled acceptance, the probe state, the costs and the round clock.
+    Per round: `plan` (before drafting; starts the clock), `clock.drafted()`, then after the host sync `record` for
+    every generating row and `finish` once."""
+
+    def __init__(self, k_max: int, costs, device: torch.device):
+        self.k_max, self.costs, self.clock = k_max, costs, RoundClock(device)
+        self.hits, self.trials = 0.0, 0.0  # the batch's pooled, decayed counts
+        self.idle, self.wait = 0, PROBE_AFTER  # rounds with k = 0 since the last draft; rounds before a probe
+
+    def new_row(self) -> RowAcceptance:
+        return RowAcceptance(self.k_max)
+
+    def plan(self, rows: list[RowAcceptance | None], rooms: list[int]) -> Plan:
+        """The round's k for `rows` (None: a frozen row, which runs without generating), row b allowed `rooms[b]`
+        drafts by its budget."""
+        self.clock.start()
+        live = [(row, room) for row, room in zip(rows, rooms) if row is not None]
+        batch, frozen = len(rows), len(rows) - len(live)
+        k_max = max(0, min(self.k_max, max(room for _, room in live)))
+        calibration = self.costs.calibration(batch)
+        if calibration is not None:
+            return Plan(min(k_max, calibration), [None] * batch)
+        prior = (self.hits + 1.0) / (self.trials + 2.0)
+        expected = []
+        for row, room in live:
+            e = row.expected_tokens(prior)[: min(room, k_max) + 1]
+            expected.append(e + [e[-1]] * (k_max + 1 - len(e)))  # no drafts past the row's budget
+        step = self.costs.drafter_step(batch)
+        k, _, seconds = best_draft_length(expected, step, self.costs.rest, frozen)
+        if k > 0:
+            self.idle, self.wait = 0, PROBE_AFTER
+        elif k_max > 0:  # (k_max = 0: the budget leaves no room to draft; no choice was made)
+            self.idle += 1
+            if self.idle >= self.wait:  # a probe: one draft, so that a row whose text turned predictable shows it
+                k, self.idle, self.wait = 1, 0, min(2 * self.wait, PROBE_MAX)
+                seconds = step + self.costs.rest(batch * 2)
+        rates, i = [], 0
+        for row in rows:
+            rates.append(None if row is None else expected[i][k] / seconds)
+            i += row is not None
+        return Plan(k, rates)
+
+    def record(self, row: RowAcceptance, drafted: int, accepted: int) -> None:
+        """A generating row's round: it could accept up to `drafted` drafts and accepted `accepted`."""
+        row.update(drafted, accepted)
+        self.hits += accepted
+        self.trials += min(accepted + 1, drafted)
+
+    def finish(self, batch: int, k: int) -> None:
+        """After the round's host sync (and its bookkeeping): the round's costs, and the pooled counts fade."""
+        self.costs.add(batch, k, *self.clock.stop())
+        if k:
+            self.hits, self.trials = self.hits * DECAY, self.trials * DECAY

@@ -45,7 +45,7 @@ from weights.chat_template import render_chat
 
 from .loop import generate
 from .options import stop_tokens
-from .schedule import MAX_DRAFT_TOKENS
+from .schedule import DEFAULT_SCHEDULE, MAX_DRAFT_TOKENS
 from .stats import GenerationStats
 
 OVERFLOW = ("drop_oldest", "error")
@@ -94,8 +94,8 @@ class Session:
     def __init__(self, target, drafter=None, *, tokenizer=None, template: str | None = None,
                  system: str | None = None, max_new_tokens: int = 256, max_context: int | None = None,
                  overflow: str = "drop_oldest", template_kwargs: dict | None = None, num_draft_tokens=None,
-                 schedule: str = "constant", temperature: float = 0.0, top_k=None, top_p=None, seed=None,
-                 stop_token_ids=None, vision=None):
+                 schedule: str = DEFAULT_SCHEDULE, temperature: float = 0.0, top_k=None, top_p=None, seed=None,
+                 stop_token_ids=None, vision=None, costs=None):
         limit = target.config.max_position_embeddings
         if max_context is not None and not 1 < max_context <= limit:
             raise ValueError(f"max_context must be in [2, {limit}] (the target's max_position_embeddings), "
@@ -109,7 +109,7 @@ class Session:
         self.template_kwargs = dict(template_kwargs or {})
         self.stops = stop_tokens(target, stop_token_ids)
         self.options = dict(num_draft_tokens=num_draft_tokens, schedule=schedule, temperature=temperature,
-                            top_k=top_k, top_p=top_p, stop_token_ids=sorted(self.stops))
+                            top_k=top_k, top_p=top_p, stop_token_ids=sorted(self.stops), costs=costs)
         self.seed = seed
         self.turns: list[Turn] = []
         self.reset()

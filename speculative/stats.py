@@ -4,7 +4,9 @@ Counting conventions (every test's closed forms rely on them):
 - `rounds` holds one [drafted, accepted] pair per *drafting* round (a round whose k is 0, because the budget left
   room for the target's own token only, drafted nothing and is not listed). `accepted` is what the target verified,
   before the emitted block is cut at a stop token or the budget.
-- `target_forward_passes` counts the prefill and every decode pass (one per round, drafting or not).
+- `target_forward_passes` counts the prefill and every decode pass (one per round, drafting or not);
+  `draft_lengths` holds the k of every decode pass (0 included), and under `auto` `expected_tokens_per_second` what
+  each choice expected (RoundInfo).
 - `decode_tokens` counts the tokens emitted by decode passes: all new tokens but the first, which the prefill chose.
   So `mean_tokens_per_pass` is 1.0 for target-only decoding and k + 1 when every draft is accepted.
 """
@@ -27,11 +29,16 @@ class RoundInfo:
     accepted: int
     bonus: int | None
     emitted: list[int]
+    # schedule "auto": the expected new tokens per second of the round's choice of k (len(drafted)) for this row,
+    # from the cost model and the row's acceptance estimates; None for the other schedules and calibration rounds
+    expected_tokens_per_second: float | None = None
 
 
 @dataclass
 class GenerationStats:
     rounds: list[tuple[int, int]] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)  # the k of every decode pass, 0 included
+    expected_tokens_per_second: list[float] = field(default_factory=list)  # auto: of each round's choice
     target_forward_passes: int = 0
     drafter_steps: int = 0
     prompt_tokens: int = 0

@@ -82,7 +82,7 @@ def test_every_row_equals_its_single_prompt_run(family, dtype, pair):
     assert [r.tokens for r in got] == want, "target-only batch"
     accepted = 0
     # the heuristic schedule gives the rows different k within a round (the per-row caps); float32 also constant k
-    schedules = [{"num_draft_tokens": 3}] if dtype == "float32" else []
+    schedules = [{"num_draft_tokens": 3, "schedule": "constant"}] if dtype == "float32" else []
     for options in schedules + [{"schedule": "heuristic"}]:
         single = [generate(target, drafter, p, max_new_tokens=16, stop_token_ids=[], **options) for p in batch]
         rows = generate_batch(target, drafter, batch, max_new_tokens=16, stop_token_ids=[], **options)
@@ -113,6 +113,28 @@ def test_rows_that_stop_early_leave_the_others_unchanged(finished, draft_length,
         for row, prompt in zip(rows, batch):
             alone = generate(target, drafter, prompt, max_new_tokens=24, stop_token_ids=stops, schedule="heuristic")
             assert row.stats.rounds == alone.stats.rounds
+
+
+def test_auto_rows_that_decode_beside_drafting_rows_are_exact(pair):
+    """`auto` over a ragged batch: every row's greedy tokens are its single-prompt target-only tokens, including
+    rounds where a row drafts nothing (k = 0: one token left in its budget) while others draft. The batch drafts
+    one k for all rows (each row is allowed all of it, up to its budget: speculative/schedule.py), so such rounds
+    come from the budgets: several budgets make sure some happen."""
+    from speculative.schedule import FixedCosts
+
+    target, drafter = pair("e4b", "bfloat16")
+    batch = prompts((9, 40, 17, 3, 25), seed=4)
+    mixed = 0
+    for budget in (18, 19, 20, 21):
+        want = [generate(target, None, p, max_new_tokens=budget, stop_token_ids=[]).tokens for p in batch]
+        rows = generate_batch(target, drafter, batch, max_new_tokens=budget, stop_token_ids=[], num_draft_tokens=5,
+                              costs=FixedCosts(0.1, lambda T: 1.0 + 0.002 * T))
+        assert [r.tokens for r in rows] == want, budget
+        passes = [r.stats.draft_lengths for r in rows]  # row b's k in every round (all rows start together)
+        rounds = range(max(map(len, passes)))
+        mixed += sum({ks[r] == 0 for ks in passes if r < len(ks)} == {True, False} for r in rounds)
+        assert sum(n for r in rows for _, n in r.stats.rounds) > 0
+    assert mixed > 0
 
 
 def test_a_batch_of_one_is_generate(pair):
@@ -267,7 +289,7 @@ def sample_batches(target, n_batches: int, batch: int) -> torch.Tensor:
     out = []
     for seed in range(n_batches):
         rows = generate_batch(target, BatchTableDrafter(), [SAMPLING_PROMPT] * batch, max_new_tokens=4,
-                              num_draft_tokens=2, temperature=1.0, seed=seed, stop_token_ids=[])
+                              num_draft_tokens=2, schedule="constant", temperature=1.0, seed=seed, stop_token_ids=[])
         out.append(torch.tensor([r.tokens[1:3] for r in rows]))
     return torch.stack(out)
 

@@ -50,14 +50,14 @@ def last_json(out: str) -> dict:
 
 def test_greedy_json_equals_library_call_and_target_only(models, capsys):
     code, out, err = run(["--target", models, "--prompt", "Hello world", "--max-new-tokens", 24,
-                          "--num-draft-tokens", 3, "--json"], capsys)
+                          "--num-draft-tokens", 3, "--schedule", "constant", "--json"], capsys)
     assert code == 0, err
     report = last_json(out)
     target = load_target(models)
     drafter = load_drafter(str(models) + "-assistant", target=target)
     tokenizer = load_tokenizer(models)
     prompt = tokenizer.encode(render_chat(GEMMA4_TEMPLATE, [{"role": "user", "content": "Hello world"}]))
-    library = generate(target, drafter, prompt, max_new_tokens=24, num_draft_tokens=3)
+    library = generate(target, drafter, prompt, max_new_tokens=24, num_draft_tokens=3, schedule="constant")
     baseline = generate(target, None, prompt, max_new_tokens=24)
     assert report["tokens"] == library.tokens == baseline.tokens
     assert report["text"] == tokenizer.decode(library.tokens, skip_special_tokens=True)

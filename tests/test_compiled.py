@@ -62,18 +62,21 @@ def compare(target, drafter, ids, **options):
 def test_compiled_greedy_equals_eager_for_both_schedules_without_recompiling():
     target, drafter = small_pair()
     ids = prompt(30)
-    _, first = compare(target, drafter, ids, max_new_tokens=24, num_draft_tokens=3)
+    _, first = compare(target, drafter, ids, max_new_tokens=24, num_draft_tokens=3, schedule="constant")
     before = graphs()
     eager, again = compare(target, drafter, prompt(45, seed=1), max_new_tokens=30, schedule="heuristic")
     assert graphs() == before, "a second generation, with other draft lengths, compiled nothing new"
     assert again.stats.rounds == eager.stats.rounds and len({k for k, _ in again.stats.rounds}) > 2
     assert first.stats.compile_seconds > again.stats.compile_seconds
+    # auto (the default): k changes from round to round within 0..3, every length already compiled
+    _, chosen = compare(target, drafter, prompt(45, seed=5), max_new_tokens=30, num_draft_tokens=3)
+    assert graphs() == before and len(set(chosen.stats.draft_lengths)) > 1
 
 
 def test_compiled_sampling_with_a_seed_equals_eager():
     target, drafter = small_pair()
-    compare(target, drafter, prompt(20, seed=2), max_new_tokens=20, num_draft_tokens=3, temperature=0.9, top_k=40,
-            seed=11)
+    compare(target, drafter, prompt(20, seed=2), max_new_tokens=20, num_draft_tokens=3, schedule="constant",
+            temperature=0.9, top_k=40, seed=11)
 
 
 def test_compiled_target_only_equals_eager():
@@ -90,7 +93,7 @@ def test_every_family_compiled_equals_eager(family):
     else:
         target, drafter = small_pair(family)
     for options in ({"num_draft_tokens": 4}, {"schedule": "heuristic"},
-                    {"num_draft_tokens": 2, "temperature": 1.0, "seed": 3}):
+                    {"num_draft_tokens": 2, "schedule": "constant", "temperature": 1.0, "seed": 3}):
         compare(target, drafter, prompt(40, seed=4), max_new_tokens=32, **options)
 
 

@@ -119,16 +119,17 @@ def test_tiny_family_greedy_speculative_equals_target_only(family, dtype, pair):
     prompt = _prompt(56, 0)
     want = generate(target, None, prompt, max_new_tokens=20, stop_token_ids=[]).tokens
     accepted = 0
-    for options in ({"num_draft_tokens": DRAFT_LENGTHS[dtype][family]}, {"schedule": "heuristic"}):
+    for options in ({"num_draft_tokens": DRAFT_LENGTHS[dtype][family], "schedule": "constant"},
+                    {"schedule": "heuristic"}):
         result = generate(target, drafter, prompt, max_new_tokens=20, stop_token_ids=[], **options)
         assert result.tokens == want, f"{family} {dtype} {options}"
         accepted += sum(n for _, n in result.stats.rounds)
     assert accepted > 0  # the bias makes drafts pass: verify rows beyond the first are exercised
 
 
-@pytest.mark.parametrize("dtype,options", [("float32", {"num_draft_tokens": 8}),
+@pytest.mark.parametrize("dtype,options", [("float32", {"num_draft_tokens": 8, "schedule": "constant"}),
                                            ("bfloat16", {"schedule": "heuristic"}),
-                                           ("float16", {"num_draft_tokens": 3})])
+                                           ("float16", {"num_draft_tokens": 3, "schedule": "constant"})])
 def test_bundled_pair_greedy_speculative_equals_target_only(dtype, options, pair):
     """The bundled pair (W = 64): a code prompt of 98 tokens and 40 new tokens: 138 positions, 2.2 windows, past
     the ring's 127 slots."""
@@ -308,9 +309,10 @@ def test_cache_geometry_is_the_same_for_every_draft_length_schedule_and_drafter(
     monkeypatch.setattr(KVCache, "__init__", recording)
     prompt = _prompt(10, 0)
     generate(target, None, prompt, max_new_tokens=12, stop_token_ids=[])
-    for options in ({"num_draft_tokens": 1}, {"num_draft_tokens": 8}, {"schedule": "heuristic"}):
+    for options in ({"num_draft_tokens": 1, "schedule": "constant"}, {"num_draft_tokens": 8, "schedule": "constant"},
+                    {"schedule": "heuristic"}, {"schedule": "auto"}):
         generate(target, drafter, prompt, max_new_tokens=12, stop_token_ids=[], **options)
-    assert len(seen) == 4 and all(s == seen[0] for s in seen)
+    assert len(seen) == 5 and all(s == seen[0] for s in seen)
     assert seen[0][0] == sliding_capacity(target.config) == target.config.sliding_window - 1 + SLIDING_SLACK
     assert all(shape[2] % KEY_BLOCK == 0 for i, shape in seen[0][1].items()
                if target.config.layers[i].attention_type == FULL)

@@ -108,6 +108,7 @@ def sample_t2_t3(target, drafter, n_runs: int, **options) -> tuple[torch.Tensor,
     """[V, V] counts of (t2, t3) over seeds 0..n_runs-1, and how many drafts were accepted in all."""
     counts, accepted = torch.zeros(V, V, dtype=torch.long), 0
     for seed in range(n_runs):
+        options = {"schedule": "constant", **options}
         out = generate(target, drafter, PROMPT, max_new_tokens=4, seed=seed, stop_token_ids=[], **options)
         counts[out.tokens[1], out.tokens[2]] += 1
         accepted += sum(a for _, a in out.stats.rounds)
@@ -192,7 +193,7 @@ def test_draft_returns_the_processed_q_its_drafts_were_drawn_from(target):
 def test_same_seed_same_output_and_different_seeds_differ(target):
     def run(seed):
         r = generate(target, TableDrafter(), PROMPT, max_new_tokens=20, num_draft_tokens=3, temperature=1.0,
-                     top_k=6, seed=seed, stop_token_ids=[])
+                     top_k=6, seed=seed, stop_token_ids=[], schedule="constant")
         return r.tokens, r.stats.rounds
 
     assert run(7) == run(7)

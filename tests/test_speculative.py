@@ -118,6 +118,7 @@ def run(family, agree, n, prompt=PROMPT, **options) -> tuple[GenerationResult, l
                               check_hidden=options.pop("check_hidden", False))
     reports = []
     options.setdefault("stop_token_ids", [])
+    options.setdefault("schedule", "constant")  # the closed forms below count the rounds of a fixed k
     result = generate(target, drafter, prompt, max_new_tokens=n, on_round=reports.append, **options)
     return result, reports, ref
 
@@ -217,7 +218,8 @@ def test_default_k_comes_from_the_drafters_generation_config():
     sequence = PROMPT + ref + [0] * 40
     for config_k, want in [(5, 5), (None, 6)]:
         drafter = ScriptedDrafter(target, sequence, never, num_assistant_tokens=config_k)
-        rounds = generate(target, drafter, PROMPT, max_new_tokens=12, stop_token_ids=[]).stats.rounds
+        rounds = generate(target, drafter, PROMPT, max_new_tokens=12, stop_token_ids=[],
+                          schedule="constant").stats.rounds
         assert rounds[0] == (want, 0)
 
 
@@ -259,7 +261,7 @@ def test_real_drafter_from_checkpoints_keeps_greedy_output(family, checkpoint, d
         assert result.tokens == want
         assert result.stats.rounds[0][0] == 4
     sampled = [generate(target, drafter, PROMPT, max_new_tokens=12, temperature=0.8, top_k=40, top_p=0.95,
-                        seed=1, stop_token_ids=[]) for _ in range(2)]
+                        seed=1, stop_token_ids=[], schedule="constant") for _ in range(2)]
     assert sampled[0].tokens == sampled[1].tokens and len(sampled[0].tokens) == 12
 
 

@@ -1,0 +1,142 @@
+"""The `auto` schedule (speculative/schedule.py): the draft length that maximises expected tokens per second.
+
+Oracles: closed forms of the cost model. With acceptance a at every position, a round of k drafts emits
+E(k) = (1 - a^(k+1)) / (1 - a) tokens on average (k + 1 when a = 1) and costs k c_d + c_v(k + 1). With a = 1 and an
+affine verify cost v0 + v1 (k + 1), (k + 1) / (k (c_d + v1) + v0 + v1) rises with k iff c_d < v0: the best k is
+the largest when the drafter step is cheaper than the verify pass's fixed part, and 0 when it is dearer, whatever
+the acceptance. The loop's choices are checked against these with `FixedCosts` (deterministic) and drafters whose
+acceptance is scripted (tests/test_speculative.py's ScriptedDrafter); exactness against target-only output, and the
+output law under sampling with a chi-square test (tests/test_sampling_lossless.py's machinery).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from speculative import generate
+from speculative.schedule import (PROBE_AFTER, PROBE_MAX, SAMPLES_KEPT, FixedCosts, MeasuredCosts,
+                                  best_draft_length, fit_line)
+from tests.test_sampling_lossless import (GOOD_P, TableDrafter, chi_square_p_value, exact_joint_t2_t3,
+                                          sample_t2_t3)
+from tests.test_sampling_lossless import target as target  # noqa: F401 (the fixture)
+from tests.test_speculative import always, first, never, run
+
+
+def expected(a: float, K: int) -> list[float]:
+    return [k + 1.0 if a == 1 else (1 - a ** (k + 1)) / (1 - a) for k in range(K + 1)]
+
+
+@pytest.mark.parametrize("a", [1.0, 0.9, 0.5, 0.0])
+@pytest.mark.parametrize("c_d,v0,v1", [(0.05, 1.0, 0.0), (0.3, 1.0, 0.02), (1.5, 1.0, 0.0), (0.01, 1.0, 0.3)])
+def test_best_draft_length_is_the_cost_models_optimum(a, c_d, v0, v1):
+    K = 8
+    k, tokens, seconds = best_draft_length([expected(a, K)], c_d, lambda T: v0 + v1 * T)
+    rates = [e / (j * c_d + v0 + v1 * (j + 1)) for j, e in enumerate(expected(a, K))]
+    assert k == max(range(K + 1), key=lambda j: (rates[j], -j))  # brute force over the closed form
+    assert tokens / seconds == pytest.approx(rates[k])
+    if a == 1:  # the closed form: the largest k iff c_d < v0, else 0
+        assert k == (K if c_d < v0 else 0)
+    if a == 0:
+        assert k == 0  # nothing is ever accepted: any draft only costs
+
+
+def test_a_batch_chooses_one_k_for_the_sum_of_its_rows():
+    """Two rows, one accepting everything, one nothing: sum_b E_b(k) = (k + 1) + 1; frozen rows add to the cost."""
+    c_d, v = 0.4, (lambda T: 1.0 + 0.05 * T)
+    K = 6
+    k, _, _ = best_draft_length([expected(1.0, K), expected(0.0, K)], c_d, v)
+    rates = [(j + 2) / (j * c_d + v(2 * (j + 1))) for j in range(K + 1)]
+    assert k == max(range(K + 1), key=lambda j: (rates[j], -j))
+    k3, _, seconds = best_draft_length([expected(1.0, K), expected(0.0, K)], c_d, v, frozen=3)
+    assert seconds == pytest.approx(k3 * c_d + v(5 * (k3 + 1)))
+
+
+def test_measured_costs_drop_each_shapes_first_round_and_fit_a_line():
+    costs = MeasuredCosts()
+    step, rest = (lambda B: 0.002 * B), (lambda T: 0.01 + 0.003 * T)
+    done = []
+    for _ in range(6):
+        k = costs.calibration(4)
+        if k is None:
+            break
+        done.append(k)
+        costs.add(4, k, k * step(4), rest(4 * (k + 1)))
+    assert done == [1, 1, 0, 0]  # a drafter step and a verify pass of 2 rows per row, then decode; each twice
+    assert costs.drafter_step(4) == pytest.approx(0.008)
+    for T in (4, 8, 20, 36):  # exact costs on a line: the fit reproduces them, measured or not
+        assert costs.rest(T) == pytest.approx(rest(T))
+    for _ in range(SAMPLES_KEPT):  # a count measured often enough is its own median, off the line
+        costs.add(4, 2, 2 * step(4), 1.0)
+    assert costs.rest(12) == 1.0 and costs.rest(4) < 1.0
+    assert fit_line({1: (5.0, 3), 2: (4.0, 1)})(7) == pytest.approx(4.75)  # a falling fit: flat at the mean
+
+
+def test_auto_drafts_the_largest_k_when_the_drafter_is_cheap_and_drafts_are_accepted():
+    """c_d = 0.05 < v0 = 1: with a = 1 the optimum is K. The estimates start at 1/2 and climb."""
+    result, reports, ref = run("31b", always, 60, num_draft_tokens=5, schedule="auto",
+                               costs=FixedCosts(0.05, lambda T: 1.0))
+    assert result.tokens == ref
+    ks = result.stats.draft_lengths
+    assert ks[-1] <= ks[-2] and all(k == 5 for k in ks[3:-2]), ks  # the end is the budget's
+    assert all(r.expected_tokens_per_second > 0 for r in reports[1:])
+
+
+def test_auto_never_drafts_when_the_drafter_cannot_pay_however_good_its_drafts():
+    """c_d = 1.5 > v0 = 1: k = 0 is optimal for any acceptance, so auto decodes and drafts one token only in the
+    probes: after PROBE_AFTER rounds of k = 0, then twice as many, ... up to PROBE_MAX."""
+    for agree in (always, never):
+        result, _, ref = run("31b", agree, 80, num_draft_tokens=4, schedule="auto",
+                             costs=FixedCosts(1.5, lambda T: 1.0))
+        assert result.tokens == ref
+        probes, wait, idle = [], PROBE_AFTER, 0
+        for r in range(len(result.stats.draft_lengths)):
+            idle += 1
+            if idle >= wait:
+                probes.append(r)
+                idle, wait = 0, min(2 * wait, PROBE_MAX)
+        ks = result.stats.draft_lengths
+        assert [r for r, k in enumerate(ks) if k] == probes[: len([k for k in ks if k])] and set(ks) <= {0, 1}
+        assert ks[:PROBE_AFTER - 1] == [0] * (PROBE_AFTER - 1) and ks[PROBE_AFTER - 1] == 1
+
+
+def test_auto_settles_on_the_optimum_of_the_acceptance_it_sees():
+    """Drafts 1 and 2 always accepted, 3 never: the optimum of E(k) / (0.2 k + 1) with alpha = (1, 1, 0, ...) is
+    k = 2 (E = 3; k = 3 adds no token and costs 0.2). (With a far cheaper drafter the estimate of alpha_3, which
+    never falls below ~0.1 with 2 pseudo-trials against ~10 rounds of memory, can tip it to 3 at a cost of ~1%.)"""
+    result, _, ref = run("e2b", first(2), 90, num_draft_tokens=6, schedule="auto",
+                         costs=FixedCosts(0.2, lambda T: 1.0))
+    assert result.tokens == ref
+    E = [1, 2, 3, 3, 3, 3, 3]
+    optimum = max(range(7), key=lambda k: (E[k] / (0.2 * k + 1), -k))
+    assert optimum == 2
+    late = result.stats.draft_lengths[10:-2]
+    assert max(set(late), key=late.count) == optimum and min(late) >= optimum, result.stats.draft_lengths
+
+
+def test_auto_sampling_matches_the_target_distribution(target):  # noqa: F811
+    """k chosen from earlier rounds (round 1 drafts 2 from the prior, round 2 as many as round 1's outcome makes
+    worthwhile): the joint law of (t2, t3) is still the target's."""
+    costs = FixedCosts(0.1, lambda T: 1.0)
+    exact = exact_joint_t2_t3(target, temperature=1.0)
+    counts, accepted = sample_t2_t3(target, TableDrafter(), 600, num_draft_tokens=2, temperature=1.0,
+                                    schedule="auto", costs=costs)
+    assert accepted > 60
+    assert chi_square_p_value(counts, exact) > GOOD_P
+    lengths = {tuple(generate(target, TableDrafter(), [1, 2, 3, 4, 5], max_new_tokens=12, seed=seed,
+                              stop_token_ids=[], num_draft_tokens=2, temperature=1.0, schedule="auto",
+                              costs=costs).stats.draft_lengths[:3]) for seed in range(20)}
+    assert len(lengths) > 1 and {0, 1, 2} <= {k for ks in lengths for k in ks}  # k follows each run's history
+
+
+def test_auto_with_fixed_costs_repeats_seeded_sampling_draw_for_draw(target):  # noqa: F811
+    def once(seed):
+        r = generate(target, TableDrafter(), [1, 2, 3, 4, 5], max_new_tokens=20, num_draft_tokens=3,
+                     temperature=1.0, seed=seed, stop_token_ids=[], costs=FixedCosts(0.2, lambda T: 1.0))
+        return r.tokens, r.stats.draft_lengths
+
+    assert once(4) == once(4)
+
+
+def test_costs_apply_to_auto_only():
+    with pytest.raises(ValueError, match="costs applies to schedule='auto' only"):
+        run("31b", always, 4, schedule="heuristic", costs=FixedCosts(1.0, lambda T: 1.0))
