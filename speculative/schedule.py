@@ -31,8 +31,9 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   included). E_b grows with k, so a row gets every draft the round computes (up to its budget): the batch's k is
   argmax over k in 0..K of sum_b E_b(k) / (k c_d + c_v), ties to the smaller k. k = 0 is a plain decode step.
   Exploration: after k = 0 was chosen PROBE_AFTER rounds in a row, one round drafts 1 token (a probe), so a row
-  whose text became predictable shows it; the wait doubles after each probe (up to PROBE_MAX rounds, so probes cost
-  little where drafting never pays) and comes back to PROBE_AFTER once `auto` drafts by itself.
+  whose text became predictable shows it; the wait doubles after each probe (up to PROBE_MAX rounds) and comes back
+  to PROBE_AFTER once `auto` drafts by itself, and it is never shorter than what keeps the probes' extra time
+  within PROBE_SHARE of the decoding time (a costly drafter probes rarely).
 Exactness: k only decides how many drafts the target verifies; greedy output is the target's for any k, and under
 sampling every token's law is the target's given the tokens before it for any k fixed before the round's draws
 (docs/loop.md#lossless-rejection-sampling); `auto`'s k is a function of earlier rounds and of clock readings,
@@ -56,6 +57,7 @@ DEFAULT_SCHEDULE = "auto"
 DECAY = 0.9  # auto: a row's acceptance counts fade by this per round with evidence (a memory of ~10 rounds)
 PRIOR_WEIGHT = 2.0  # auto: pseudo-trials of the prior each estimate is shrunk towards
 PROBE_AFTER, PROBE_MAX = 8, 64  # auto: rounds of k = 0 before a 1-token probe; the wait doubles up to PROBE_MAX
+PROBE_SHARE = 0.02  # auto: and is long enough that probes take at most this share of the decoding time
 SAMPLES_KEPT = 16  # auto: a cost is the median of this many latest rounds
 
 
@@ -291,9 +293,9 @@ class AutoPlanner:
             self.idle, self.wait = 0, PROBE_AFTER
         elif k_max > 0:  # (k_max = 0: the budget leaves no room to draft; no choice was made)
             self.idle += 1
-            if self.idle >= self.wait:  # a probe: one draft, so that a row whose text turned predictable shows it
-                k, self.idle, self.wait = 1, 0, min(2 * self.wait, PROBE_MAX)
-                seconds = step + self.costs.rest(batch * 2)
+            probe = step + self.costs.rest(batch * 2)  # one draft, so that a row whose text turned predictable shows it
+            if self.idle >= max(self.wait, (probe - seconds) / (PROBE_SHARE * seconds)):
+                k, self.idle, self.wait, seconds = 1, 0, min(2 * self.wait, PROBE_MAX), probe
         rates, i = [], 0
         for row in rows:
             rates.append(None if row is None else expected[i][k] / seconds)
