@@ -1026,7 +1026,9 @@ def decode_rate(results) -> float:
 
 
 def section_schedules(args, q: dict) -> list[str]:
-    cfg = q["schedules"]
+    cfg = dict(q["schedules"])
+    if args.dtypes:
+        cfg["dtypes"] = tuple(args.dtypes.split(","))
     batches, ns, new = cfg["batches"], cfg["ns"], cfg["new"]
     code = held_out_prompts(args.models, max(batches), cfg["prompt"])
     prose = prose_prompts(args.models, max(batches), cfg["prompt"])
@@ -1118,6 +1120,7 @@ def plot_schedules(results: dict, cfg: dict, curves: dict, args) -> list[str]:
     folder = args.out.parent / "benchmarks" if not args.quick else args.out.parent
     path, kpath = (folder / "schedules.png", folder / "schedules_k.png") if not args.quick else (
         args.out.with_name("schedules.quick.png"), args.out.with_name("schedules_k.quick.png"))
+    path.parent.mkdir(parents=True, exist_ok=True)
     scenarios = ("code", "prose", "costly drafter, code")
     fig, axes = plt.subplots(len(cfg["dtypes"]), 3, figsize=(15, 4.2 * len(cfg["dtypes"])), squeeze=False)
     for row, dtype_name in enumerate(cfg["dtypes"]):
@@ -1221,6 +1224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "BENCHMARKS.quick.md there)")
     p.add_argument("--write", action="store_true", help="write the committed BENCHMARKS.md and benchmarks/*.png of "
                    "this repository (only for a run on a quiet machine whose figures should replace them)")
+    p.add_argument("--dtypes", default=None, help="schedules section: comma-separated dtypes (default "
+                   "float32,bfloat16)")
     p.add_argument("--measure-load", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
     p.add_argument("--measure-e2b", nargs=3, metavar=("DTYPE", "IMPL", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -513,6 +513,7 @@ class Printer:
         self.color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         self.tokens: list[int] = []
         self.rounds: list[tuple[int, int]] = []  # [drafted, accepted] of every drafting round so far
+        self.draft_lengths: list[int] = []  # k of every report (the first is the prefill's, k = 0)
 
     def piece(self, token: int) -> str:
         return repr(self.tokenizer.decode([token]))[1:-1] if self.tokenizer is not None else f"<{token}>"
@@ -522,6 +523,7 @@ class Printer:
 
     def __call__(self, info) -> None:
         self.tokens += info.emitted
+        self.draft_lengths.append(len(info.drafted))
         if info.drafted:
             self.rounds.append((len(info.drafted), info.accepted))
         if self.show_drafts:
@@ -573,7 +575,8 @@ def report_interrupted(printer: "Printer", args) -> int:
     if args.json:
         text = printer.tokenizer.decode(printer.tokens, skip_special_tokens=True) if printer.tokenizer else None
         print(json.dumps({"tokens": printer.tokens, "text": text, "interrupted": True,
-                          "stats": {"rounds": [list(r) for r in printer.rounds], "acceptance_rate": rate}}))
+                          "stats": {"rounds": [list(r) for r in printer.rounds], "acceptance_rate": rate,
+                                    "draft_lengths": printer.draft_lengths[1:]}}))
     return 130
 
 

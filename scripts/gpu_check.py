@@ -456,9 +456,10 @@ def bundled(check: Check) -> dict:
         t, s = statistics.median(speed["target_only"]), statistics.median(speed["speculative"])
         out[name] = {"target_only_tokens_per_s": t, "speculative_tokens_per_s": s, "speedup": s / t,
                      "outputs_equal": equal,
-                     "mismatch": count_mismatches(target, drafter, prompts, new)}
+                     "mismatch": count_mismatches(target, drafter, prompts, new, schedule="constant")}
         with generic.fixed_rows(FIXED_ROWS):
-            out[name][f"mismatch_fixed_rows_{FIXED_ROWS}"] = count_mismatches(target, drafter, prompts, new)
+            out[name][f"mismatch_fixed_rows_{FIXED_ROWS}"] = count_mismatches(target, drafter, prompts, new,
+                                                                              schedule="constant")
     return out
 
 

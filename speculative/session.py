@@ -257,7 +257,10 @@ class Session:
             stats = GenerationStats(rounds=[(len(i.drafted), i.accepted) for i in infos if i.drafted],
                                     target_forward_passes=len(infos), drafter_steps=sum(len(i.drafted) for i in infos),
                                     prompt_tokens=len(ids), prompt_tokens_reused=reused,
-                                    decode_tokens=max(0, len(emitted) - 1))
+                                    decode_tokens=max(0, len(emitted) - 1),
+                                    draft_lengths=[len(i.drafted) for i in infos[1:]],
+                                    expected_tokens_per_second=[i.expected_tokens_per_second for i in infos[1:]
+                                                                if i.expected_tokens_per_second is not None])
             self._after_interrupt(len(ids), len(emitted))
         except Exception:  # a failed generation (NaN logits, ...) leaves the cache in a state nobody tracks
             self._cache, self._snapshot = None, None

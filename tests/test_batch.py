@@ -392,10 +392,10 @@ def test_a_row_near_the_position_limit_does_not_shorten_the_others_drafts(finish
     sequences = [p + generate(target, None, p, max_new_tokens=budget, stop_token_ids=[]).tokens for p in batch]
     agree = [True, False]
     alone = [generate(target, ScriptedDrafter([s], [a], budget), p, max_new_tokens=budget, num_draft_tokens=k,
-                      stop_token_ids=[]) for s, a, p in zip(sequences, agree, batch)]
+                      schedule="constant", stop_token_ids=[]) for s, a, p in zip(sequences, agree, batch)]
     stub = ScriptedDrafter(sequences, agree, budget, finished)
-    rows = generate_batch(target, stub, batch, max_new_tokens=budget, num_draft_tokens=k, stop_token_ids=[],
-                          finished=finished, on_round=stub.on_round)
+    rows = generate_batch(target, stub, batch, max_new_tokens=budget, num_draft_tokens=k, schedule="constant",
+                          stop_token_ids=[], finished=finished, on_round=stub.on_round)
     for b, (row, single) in enumerate(zip(rows, alone)):
         assert row.tokens == single.tokens == sequences[b][len(batch[b]):], f"row {b}"
         assert row.stats.rounds == single.stats.rounds, f"row {b}: the rounds it has alone"

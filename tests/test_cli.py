@@ -170,7 +170,7 @@ def test_ctrl_c_prints_what_was_generated_and_the_statistics(tmp_path):
     assert "interrupted:" in err and "Traceback" not in err
     report = last_json(out)
     assert report["interrupted"] is True and len(report["tokens"]) >= 4
-    assert len(report["stats"]["rounds"]) >= 3
+    assert len(report["stats"]["draft_lengths"]) >= 3  # a round per decode pass (auto's may draft 0)
 
 
 def test_a_closed_stdout_ends_the_run_quietly():
