@@ -1026,6 +1026,12 @@ def decode_rate(results) -> float:
 
 
 def section_schedules(args, q: dict) -> list[str]:
+    if args.schedules_from:  # several runs (e.g. one process per dtype, side by side), merged
+        runs = [json.loads(Path(f).read_text()) for f in args.schedules_from.split(",")]
+        cfg = dict(runs[0]["cfg"], dtypes=tuple(d for r in runs for d in r["cfg"]["dtypes"]))
+        results = {(tuple(k), label): v for r in runs for k, label, v in r["results"]}
+        curves = next((r["curves"] for r in runs if r["curves"]), {})
+        return render_schedules(results, cfg, [x for r in runs for x in r["load"]], curves, args)
     cfg = dict(q["schedules"])
     if args.dtypes:
         cfg["dtypes"] = tuple(args.dtypes.split(","))
@@ -1063,6 +1069,15 @@ def section_schedules(args, q: dict) -> list[str]:
         if dtype_name == "float32":
             curves = schedule_curve(target, drafter, code[0], prose, cfg["curve"])
     load.append(os.getloadavg()[0])
+    raw = args.out.parent / f"schedules-{'-'.join(cfg['dtypes'])}.json"  # for render_schedules of several runs
+    raw.write_text(json.dumps({"cfg": cfg, "load": load, "curves": curves,
+                               "results": [[list(key[0]), key[1], value] for key, value in results.items()]}))
+    return render_schedules(results, cfg, load, curves, args)
+
+
+def render_schedules(results: dict, cfg: dict, load: list[float], curves: dict, args) -> list[str]:
+    """The section's text and plots from measured cells (one run, or several runs' JSON merged)."""
+    batches, ns, new = cfg["batches"], cfg["ns"], cfg["new"]
     lines = [f"The bundled pair; {max(batches)} held-out code prompts (the drafter's domain) and {max(batches)} "
              f"English prose paragraphs (pydoc's topics) of {cfg['prompt']} tokens; the costly drafter is the "
              "bundled one computing each step 8 times (same drafts, about the cost of a target decode step). Each "
@@ -1071,8 +1086,8 @@ def section_schedules(args, q: dict) -> list[str]:
              "seconds (prefill excluded). One run per schedule, the schedules back to back within each cell; every "
              "output equals target-only (checked). `auto` starts each generation with no acceptance knowledge and "
              "with the costs this process measured in earlier generations (a warm-up generation per drafter first). "
-             f"Load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f} (a shared 2-core machine: single "
-             "runs are noisy).", "",
+             f"Load average (1 min) at the start and end of each run: {', '.join(f'{x:.1f}' for x in load)} (a shared 2-core "
+             "machine: single runs are noisy).", "",
              "| dtype | prompts | B | target only | " + " | ".join(f"N={n}" for n in ns) + " | heuristic | auto "
              "(mean k) | auto / target only | auto / best N |", "|---" * (8 + len(ns)) + "|"]
     worst = {"target": (9.0, None), "best": (9.0, None)}
@@ -1186,13 +1201,13 @@ def settings(quick: bool) -> dict:
                     prompt_tokens=48, new_tokens=24, repeats=1, tradeoff_ns=[1, 2, 4], cost_reps=5,
                     memory_layers=(5, 0), e2b=dict(prompt=16, decode=3, reps=1, context=16, ns=[0, 4], verify_reps=2),
                     batch_short=16, batch_long=48, batch_new=12,
-                schedules=dict(batches=(1, 4), dtypes=("float32",), prompt=32, new=12, ns=(1, 4), curve=16))
+                schedules=dict(batches=(1, 2), dtypes=("float32",), prompt=16, new=8, ns=(1, 4), curve=8))
     return dict(prompt=512, decode=32, reps=3, context=300, ns=list(range(9)), verify_reps=7, prompts=5,
                 prompt_tokens=120, new_tokens=128, repeats=3, tradeoff_ns=list(range(1, 9)), cost_reps=30,
                 memory_layers=(35, 20),
                 e2b=dict(prompt=64, decode=8, reps=1, context=64, ns=[0, 4], verify_reps=5),
                 batch_short=40, batch_long=160, batch_new=96,
-                schedules=dict(batches=(1, 4, 8, 16), dtypes=("float32", "bfloat16"), prompt=48, new=32,
+                schedules=dict(batches=(1, 4, 8, 16), dtypes=("float32", "bfloat16"), prompt=32, new=32,
                                ns=tuple(range(1, 9)), curve=96))
 
 
@@ -1226,6 +1241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "this repository (only for a run on a quiet machine whose figures should replace them)")
     p.add_argument("--dtypes", default=None, help="schedules section: comma-separated dtypes (default "
                    "float32,bfloat16)")
+    p.add_argument("--schedules-from", default=None, metavar="JSON,...", help="schedules section: render the "
+                   "cells that earlier runs measured (their schedules-*.json files) instead of measuring")
     p.add_argument("--measure-load", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
     p.add_argument("--measure-e2b", nargs=3, metavar=("DTYPE", "IMPL", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
