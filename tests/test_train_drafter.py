@@ -207,7 +207,7 @@ def test_teacher_inputs_equal_what_the_loop_feeds_the_drafter():
     target = load_target(ROOT / "tiny_gemma4" / "target")
     drafter = Recorder(load_drafter(ROOT / "tiny_gemma4" / "drafter", target=target))
     prompt = [2] + list(range(300, 340))
-    result = generate(target, drafter, prompt, max_new_tokens=40, num_draft_tokens=4)
+    result = generate(target, drafter, prompt, max_new_tokens=40, num_draft_tokens=4, schedule="constant")
     seq = torch.tensor([prompt + result.tokens])
     S = seq.shape[1]
     batch = training.teacher_inputs(target, seq)
@@ -518,7 +518,7 @@ def test_replayed_rounds_are_the_loop_s_rounds(prose):
     for n in (2, 5):
         for row in range(len(ids)):
             loop = generate(target, drafter, ids[row, :plen].tolist(), max_new_tokens=new_tokens, num_draft_tokens=n,
-                            stop_token_ids=())
+                            schedule="constant", stop_token_ids=())
             assert loop.tokens == ids[row, plen : plen + new_tokens].tolist()  # the same greedy continuation
             replayed, passes = training.simulated_rounds(lengths[row : row + 1], first[row : row + 1] + 1,
                                                          new_tokens, n)
