@@ -46,7 +46,7 @@ def forward_seconds(model, prompt: torch.Tensor, tokens: int, invariant: bool) -
 def generate_seconds(target, drafter, prompt: list[int], invariant: bool) -> float:
     set_row_invariant_float32(invariant)
     start = time.perf_counter()
-    generate(target, drafter, prompt, max_new_tokens=128, num_draft_tokens=8, stop_token_ids=[])
+    generate(target, drafter, prompt, max_new_tokens=128, num_draft_tokens=8, schedule="constant", stop_token_ids=[])
     return time.perf_counter() - start
 
 
