@@ -11,12 +11,12 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
 
 `auto`, in three parts:
 - **Costs** (`MeasuredCosts`): a drafter step as a function of the rows B it drafts for, and the rest of a round
-  (the verify pass, acceptance, the host sync, the bookkeeping) as a function of the token rows of the verify pass,
-  T = B (k + 1). Both are medians of the latest rounds of this process with this target and drafter, timed around
-  the phases the loop runs anyway (`RoundClock`: no extra host sync; on CUDA the drafting phase is timed with
-  events that the round's one sync completes). A count with fewer rounds than half of SAMPLES_KEPT takes the
-  least-squares line through all counts' medians instead (on a busy machine a few rounds are noisy; the line pools
-  them). A process's first rounds with a pair measure what is missing: k = 1, then k = 0, twice each (the first
+  (the verify pass, acceptance, the host sync, the bookkeeping) as a function of B and the verify length k + 1.
+  Both are medians of the latest rounds of this process with this target and drafter, timed around the phases the
+  loop runs anyway (`RoundClock`: no extra host sync; on CUDA the drafting phase is timed with events that the
+  round's one sync completes). A (B, k + 1) with fewer rounds than half of SAMPLES_KEPT takes the least-squares line
+  in k + 1 through that B's medians instead (on a busy machine a few rounds are noisy; the line pools them), and a
+  B measured at fewer than two lengths the line through every round's median by its token rows T = B (k + 1). A process's first rounds with a pair measure what is missing: k = 1, then k = 0, twice each (the first
   time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead: then
   `auto`'s choices depend on past acceptance alone (deterministic: the tests, and seeded sampling that must repeat
   draw for draw; with measured costs a seed repeats the law, not every draw).
@@ -24,8 +24,10 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   per row, from that row's rounds: position j counts one trial whenever drafts 1..j-1 were accepted, a hit when j was
   too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose). Each
   position's estimate is shrunk towards the row's pooled rate over all positions, and that towards the batch's
-  pooled rate (PRIOR_WEIGHT pseudo-trials each), which starts at 1/2: positions a row has not drafted yet borrow
-  what is known.
+  pooled rate (PRIOR_WEIGHT pseudo-trials each): positions a row has not drafted yet borrow what is known. The
+  batch's pool starts from the pair's recent pooled acceptance in this process (`MeasuredCosts.prior`, worth
+  CARRIED_TRIALS trials: a new generation does not start blind), shrunk to 1/2 (one pseudo-hit in two trials);
+  with `FixedCosts`, from 1/2 alone.
 - **The choice** (`AutoPlanner.plan`): a round with k drafts costs k c_d(B) + c_v(B (k + 1)) whatever each row's
   acceptance, and row b expects E_b(k) = 1 + sum_{i<=k} prod_{j<=i} alpha_{b,j} tokens from it (the bonus token
   included). E_b grows with k, so a row gets every draft the round computes (up to its budget): the batch's k is
@@ -59,6 +61,7 @@ PRIOR_WEIGHT = 2.0  # auto: pseudo-trials of the prior each estimate is shrunk t
 PROBE_AFTER, PROBE_MAX = 8, 64  # auto: rounds of k = 0 before a 1-token probe; the wait doubles up to PROBE_MAX
 PROBE_SHARE = 0.02  # auto: and is long enough that probes take at most this share of the decoding time
 SAMPLES_KEPT = 16  # auto: a cost is the median of this many latest rounds
+CARRIED_TRIALS = 4.0  # auto: a generation starts from the pair's recent pooled acceptance, worth this many trials
 
 
 def next_num_draft_tokens(schedule: str, k: int, drafted: int, accepted: int) -> int:
@@ -89,20 +92,34 @@ class MeasuredCosts:
         self._step: dict[int, deque] = {}  # B -> seconds per drafter step
         self._rest: dict[int, deque] = {}  # T -> seconds of verify + acceptance + sync + bookkeeping
         self._seen: set = set()  # keys whose first (warm-up) sample was dropped
+        self._rest_by_batch: dict[tuple[int, int], deque] = {}  # (B, k + 1) -> seconds of the rest
         self._tables: tuple[dict, dict] | None = None
+        self._lines: dict[int, object] = {}  # B -> its rest as a function of k + 1, while no round is added
+        self.hits, self.trials = 0.0, 0.0  # acceptance pooled over the pair's latest rounds, every generation
+
+    def observe(self, hits: float, trials: float) -> None:
+        """A round's accepted drafts and trials, all rows together (faded as a row's counts are)."""
+        self.hits, self.trials = self.hits * DECAY + hits, self.trials * DECAY + trials
+
+    def prior(self) -> tuple[float, float]:
+        """(hits, trials) a new generation starts its batch's pool from: the pair's recent pooled acceptance,
+        scaled down to CARRIED_TRIALS trials (a hint that the generation's own rounds soon outweigh)."""
+        scale = min(1.0, CARRIED_TRIALS / self.trials) if self.trials else 0.0
+        return self.hits * scale, self.trials * scale
 
     def add(self, batch: int, k: int, draft_seconds: float, rest_seconds: float) -> None:
         """One round of `batch` rows that drafted k tokens each."""
         if k > 0:
             self._keep(self._step, ("step", batch), batch, draft_seconds / k)
         self._keep(self._rest, ("rest", batch * (k + 1)), batch * (k + 1), rest_seconds)
+        self._keep(self._rest_by_batch, ("rest", batch, k + 1), (batch, k + 1), rest_seconds)
 
     def _keep(self, table: dict, key, count: int, seconds: float) -> None:
         if key not in self._seen:  # a shape's first run holds one-off costs (allocation, kernel selection)
             self._seen.add(key)
             return
         table.setdefault(count, deque(maxlen=SAMPLES_KEPT)).append(seconds)
-        self._tables = None
+        self._tables, self._lines = None, {}
 
     def tables(self) -> tuple[dict, dict]:
         """({B: median seconds per drafter step}, {T: median seconds of the rest}) as measured so far."""
@@ -124,8 +141,22 @@ class MeasuredCosts:
     def drafter_step(self, batch: int) -> float:
         return self._estimate(self._step, 0, batch)
 
-    def rest(self, tokens: int) -> float:
-        return self._estimate(self._rest, 1, tokens)
+    def rest(self, batch: int, size: int) -> float:
+        """The rest of a round of `batch` rows verifying `size` = k + 1 tokens each: this batch size's own median
+        or line in k when it has rounds at two sizes, else the line of all batch sizes in T = batch x size."""
+        if batch not in self._lines:
+            own = {n: s for (b, n), s in self._rest_by_batch.items() if b == batch}
+            if len(own) < 2:
+                self._lines[batch] = None
+            else:
+                medians = {n: statistics.median(s) for n, s in own.items()}
+                line = fit_line({n: (medians[n], len(s)) for n, s in own.items()})
+                self._lines[batch] = (medians, {n: len(s) for n, s in own.items()}, line)
+        entry = self._lines[batch]
+        if entry is None:
+            return self._estimate(self._rest, 1, batch * size)
+        medians, counts, line = entry
+        return medians[size] if counts.get(size, 0) >= SAMPLES_KEPT // 2 else line(size)
 
     def _estimate(self, samples: dict, which: int, x: int) -> float:
         """The median at x once x has SAMPLES_KEPT / 2 rounds, else the least-squares line through every count's
@@ -151,14 +182,20 @@ class FixedCosts:
     def add(self, batch: int, k: int, draft_seconds: float, rest_seconds: float) -> None:
         pass
 
+    def observe(self, hits: float, trials: float) -> None:
+        pass
+
+    def prior(self) -> tuple[float, float]:
+        return 0.0, 0.0
+
     def calibration(self, batch: int) -> None:
         return None
 
     def drafter_step(self, batch: int) -> float:
         return float(self._step(batch))
 
-    def rest(self, tokens: int) -> float:
-        return float(self._rest(tokens))
+    def rest(self, batch: int, size: int) -> float:
+        return float(self._rest(batch * size))
 
 
 def fit_line(points: dict[int, tuple[float, int]]):
@@ -247,13 +284,13 @@ class Plan:
 
 def best_draft_length(expected: list[list[float]], drafter_step: float, rest, frozen: int = 0
                       ) -> tuple[int, float, float]:
-    """(k, sum_b E_b(k), seconds) maximising sum_b E_b(k) / (k drafter_step + rest(B (k + 1))) over k = 0..K, where
+    """(k, sum_b E_b(k), seconds) maximising sum_b E_b(k) / (k drafter_step + rest(B, k + 1)) over k = 0..K, where
     expected[b] = [E_b(0), ..., E_b(K)] (a row with less room repeats its last value), B = len(expected) + frozen
     rows that run without generating; ties go to the smaller k."""
     rows, best = len(expected) + frozen, None
     for k in range(len(expected[0])):
         tokens = sum(e[k] for e in expected)
-        seconds = k * drafter_step + rest(rows * (k + 1))
+        seconds = k * drafter_step + rest(rows, k + 1)
         if best is None or tokens * best[2] > best[1] * seconds * (1 + 1e-12):
             best = (k, tokens, seconds)
     return best
@@ -266,7 +303,8 @@ class AutoPlanner:
 
     def __init__(self, k_max: int, costs, device: torch.device):
         self.k_max, self.costs, self.clock = k_max, costs, RoundClock(device)
-        self.hits, self.trials = 0.0, 0.0  # the batch's pooled, decayed counts
+        self.hits, self.trials = costs.prior()  # the batch's pooled, decayed counts
+        self._round = [0.0, 0.0]  # this round's hits and trials, all rows
         self.idle, self.wait = 0, PROBE_AFTER  # rounds with k = 0 since the last draft; rounds before a probe
 
     def new_row(self) -> RowAcceptance:
@@ -293,7 +331,7 @@ class AutoPlanner:
             self.idle, self.wait = 0, PROBE_AFTER
         elif k_max > 0:  # (k_max = 0: the budget leaves no room to draft; no choice was made)
             self.idle += 1
-            probe = step + self.costs.rest(batch * 2)  # one draft, so that a row whose text turned predictable shows it
+            probe = step + self.costs.rest(batch, 2)  # one draft, so that a row whose text turned predictable shows it
             if self.idle >= max(self.wait, (probe - seconds) / (PROBE_SHARE * seconds)):
                 k, self.idle, self.wait, seconds = 1, 0, min(2 * self.wait, PROBE_MAX), probe
         rates, i = [], 0
@@ -305,11 +343,14 @@ class AutoPlanner:
     def record(self, row: RowAcceptance, drafted: int, accepted: int) -> None:
         """A generating row's round: it could accept up to `drafted` drafts and accepted `accepted`."""
         row.update(drafted, accepted)
-        self.hits += accepted
-        self.trials += min(accepted + 1, drafted)
+        self._round[0] += accepted
+        self._round[1] += min(accepted + 1, drafted)
 
     def finish(self, batch: int, k: int) -> None:
         """After the round's host sync (and its bookkeeping): the round's costs, and the pooled counts fade."""
         self.costs.add(batch, k, *self.clock.stop())
         if k:
-            self.hits, self.trials = self.hits * DECAY, self.trials * DECAY
+            hits, trials = self._round
+            self.hits, self.trials = self.hits * DECAY + hits, self.trials * DECAY + trials
+            self.costs.observe(hits, trials)
+        self._round = [0.0, 0.0]

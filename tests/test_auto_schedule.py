@@ -12,10 +12,11 @@ output law under sampling with a chi-square test (tests/test_sampling_lossless.p
 from __future__ import annotations
 
 import pytest
+import torch
 
 from speculative import generate
-from speculative.schedule import (PROBE_AFTER, PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, FixedCosts, MeasuredCosts,
-                                  best_draft_length, fit_line)
+from speculative.schedule import (CARRIED_TRIALS, DECAY, PROBE_AFTER, PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT,
+                                  AutoPlanner, FixedCosts, MeasuredCosts, best_draft_length, fit_line)
 from tests.test_sampling_lossless import (GOOD_P, TableDrafter, chi_square_p_value, exact_joint_t2_t3,
                                           sample_t2_t3)
 from tests.test_sampling_lossless import target as target  # noqa: F401 (the fixture)
@@ -30,7 +31,7 @@ def expected(a: float, K: int) -> list[float]:
 @pytest.mark.parametrize("c_d,v0,v1", [(0.05, 1.0, 0.0), (0.3, 1.0, 0.02), (1.5, 1.0, 0.0), (0.01, 1.0, 0.3)])
 def test_best_draft_length_is_the_cost_models_optimum(a, c_d, v0, v1):
     K = 8
-    k, tokens, seconds = best_draft_length([expected(a, K)], c_d, lambda T: v0 + v1 * T)
+    k, tokens, seconds = best_draft_length([expected(a, K)], c_d, lambda B, S: v0 + v1 * B * S)
     rates = [e / (j * c_d + v0 + v1 * (j + 1)) for j, e in enumerate(expected(a, K))]
     assert k == max(range(K + 1), key=lambda j: (rates[j], -j))  # brute force over the closed form
     assert tokens / seconds == pytest.approx(rates[k])
@@ -42,13 +43,13 @@ def test_best_draft_length_is_the_cost_models_optimum(a, c_d, v0, v1):
 
 def test_a_batch_chooses_one_k_for_the_sum_of_its_rows():
     """Two rows, one accepting everything, one nothing: sum_b E_b(k) = (k + 1) + 1; frozen rows add to the cost."""
-    c_d, v = 0.4, (lambda T: 1.0 + 0.05 * T)
+    c_d, v = 0.4, (lambda B, S: 1.0 + 0.05 * B * S)
     K = 6
     k, _, _ = best_draft_length([expected(1.0, K), expected(0.0, K)], c_d, v)
-    rates = [(j + 2) / (j * c_d + v(2 * (j + 1))) for j in range(K + 1)]
+    rates = [(j + 2) / (j * c_d + v(2, j + 1)) for j in range(K + 1)]
     assert k == max(range(K + 1), key=lambda j: (rates[j], -j))
     k3, _, seconds = best_draft_length([expected(1.0, K), expected(0.0, K)], c_d, v, frozen=3)
-    assert seconds == pytest.approx(k3 * c_d + v(5 * (k3 + 1)))
+    assert seconds == pytest.approx(k3 * c_d + v(5, k3 + 1))
 
 
 def test_measured_costs_drop_each_shapes_first_round_and_fit_a_line():
@@ -63,12 +64,32 @@ def test_measured_costs_drop_each_shapes_first_round_and_fit_a_line():
         costs.add(4, k, k * step(4), rest(4 * (k + 1)))
     assert done == [1, 1, 0, 0]  # a drafter step and a verify pass of 2 rows per row, then decode; each twice
     assert costs.drafter_step(4) == pytest.approx(0.008)
-    for T in (4, 8, 20, 36):  # exact costs on a line: the fit reproduces them, measured or not
-        assert costs.rest(T) == pytest.approx(rest(T))
+    for S in (1, 2, 5, 9):  # exact costs on a line: the fit reproduces them, measured or not
+        assert costs.rest(4, S) == pytest.approx(rest(4 * S))
+    assert costs.rest(2, 3) == pytest.approx(rest(6))  # a batch size never seen: the line in T = B x S
     for _ in range(SAMPLES_KEPT):  # a count measured often enough is its own median, off the line
         costs.add(4, 2, 2 * step(4), 1.0)
-    assert costs.rest(12) == 1.0 and costs.rest(4) < 1.0
+    assert costs.rest(4, 3) == 1.0 and costs.rest(4, 1) < 1.0
+    costs.add(2, 0, 0.0, 5.0)  # batch 2's own rounds at two sizes: its own line in S, not the line in T
+    costs.add(2, 0, 0.0, 5.0)
+    costs.add(2, 1, step(2), 5.5)
+    costs.add(2, 1, step(2), 5.5)
+    assert costs.rest(2, 3) == pytest.approx(6.0)
     assert fit_line({1: (5.0, 3), 2: (4.0, 1)})(7) == pytest.approx(4.75)  # a falling fit: flat at the mean
+
+
+def test_a_generation_starts_from_the_pairs_recent_acceptance():
+    """MeasuredCosts pools acceptance across generations; a new planner starts its batch's pool from it, scaled to
+    CARRIED_TRIALS trials (with FixedCosts: nothing, the prior 1/2)."""
+    costs = MeasuredCosts()
+    assert AutoPlanner(4, costs, torch.device("cpu")).hits == 0.0
+    costs.observe(9, 10)
+    costs.observe(8, 10)
+    hits, trials = 9 * DECAY + 8, 10 * DECAY + 10
+    planner = AutoPlanner(4, costs, torch.device("cpu"))
+    assert planner.trials == pytest.approx(CARRIED_TRIALS)
+    assert planner.hits / planner.trials == pytest.approx(hits / trials)
+    assert AutoPlanner(4, FixedCosts(1.0, lambda T: 1.0), torch.device("cpu")).trials == 0.0
 
 
 def test_auto_drafts_the_largest_k_when_the_drafter_is_cheap_and_drafts_are_accepted():
