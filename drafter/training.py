@@ -22,10 +22,13 @@ centroid-masked head (E2B/E4B drafters) gives -inf outside its selected clusters
 trained on its dense logits (the same token scores without the mask) plus KL between the target's probability
 mass per cluster and the centroid scores, so the clusters it selects are those holding the target's choice.
 
-Acceptance per draft position j (`acceptance_per_position`) is the share of round starts at which drafts 1..j all
-equal the target's greedy tokens; E[tokens per round with N drafts] = 1 + sum_{j<=N} A_j, and with measured step
-costs the predicted speed-up of N drafts is that over (N drafter steps + one verify of N + 1 tokens) in units of a
-target decode step (`predicted_speedups`).
+Evaluation replays the loop: `accepted_lengths` gives, for a round starting at every position of the target's
+greedy continuations of held-out prompts, how many drafts greedy verification would accept; `simulated_rounds`
+walks them as the loop does (a round at p accepting a is followed by one at p + a + 1), so its rounds, acceptance
+per draft position and tokens per target pass (`round_statistics`) are the loop's own on those prompts. With
+measured step costs the predicted speed-up of N drafts is tokens per pass over (N drafter steps + one verify of
+N + 1 tokens) in units of a target decode step (`round_cost`). `teacher_forced_agreement` scores each draft step
+against the target's argmax on documents, fed the documents' own tokens.
 """
 
 from __future__ import annotations
@@ -271,18 +274,6 @@ def accepted_lengths(drafter: Drafter, target: Gemma4Model, data: dict, steps: i
         if progress is not None:
             progress(min(i + batch, len(data["ids"])), len(data["ids"]))
     return torch.cat(lengths), torch.cat(valids, dim=1)
-
-
-@torch.no_grad()
-def acceptance_per_position(drafter: Drafter, target: Gemma4Model, data: dict, steps: int,
-                            batch: int = 8, progress=None) -> list[float]:
-    """A_j for j = 1..steps: of the round starts with room for j drafts (positions p >= the row's "first" where
-    given, with p + j - 1 inside the sequence, on the greedy path), the share at which drafts 1..j all equal the
-    target's greedy tokens, i.e. a round of >= j drafts would accept >= j (greedy decoding), every position taken as
-    a round start. `progress(rows done, rows)` is called after every batch of rows."""
-    lengths, valid = accepted_lengths(drafter, target, data, steps, batch, progress=progress)
-    return [float(((lengths >= j) & valid[j - 1]).sum() / valid[j - 1].sum()) if valid[j - 1].any()
-            else float("nan") for j in range(1, steps + 1)]
 
 
 @torch.no_grad()

@@ -91,9 +91,9 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja"]
 DEFAULTS = dict(init=None, size=None, steps=400, seq_len=256, draft_steps=4, eval_steps=8, dtype="float32",
-                device="cpu", lr=None, batch_size=8, eval_every=100, save_every=None, seed=0, contexts="mixed",
+                device="cpu", lr=None, batch_size=8, eval_every=25, save_every=None, seed=0, contexts="mixed",
                 greedy_seqs=256, eval_seqs=16, eval_prompts=64, eval_prompt_len=48, eval_new_tokens=32,
-                held_out=0.05, loss="kl", save_dtype=None, drafter_cost=None, loop_prompts=8, loop_new_tokens=32,
+                held_out=0.05, loss="kl", save_dtype="float32", drafter_cost=None, loop_prompts=8, loop_new_tokens=32,
                 threads=None, weight_decay=0.01)
 # what a resumed run may change; every other option must equal the saved run's
 RESUMABLE = {"steps", "eval_every", "save_every", "device", "threads", "loop_prompts", "loop_new_tokens"}
@@ -357,7 +357,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", help="the target's dtype: float32, bfloat16, float16 (default float32)")
     p.add_argument("--device", help="cpu, cuda, mps (default cpu)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/checkpoint")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 fine-tuning, 2e-3 from scratch)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 fine-tuning, 2e-3 from scratch)")
     p.add_argument("--batch-size", type=int, help=f"sequences per step (default {DEFAULTS['batch_size']})")
     p.add_argument("--eval-every", type=int, help=f"held-out evaluation interval (default {DEFAULTS['eval_every']})")
     p.add_argument("--save-every", type=int, help="checkpoint interval (default: --eval-every)")
@@ -375,7 +375,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--held-out", type=float, help="share of documents held out, by text hash (default 0.05)")
     p.add_argument("--loss", choices=["kl", "argmax"], help="KL to the target's distribution (default) or "
                    "cross-entropy to its argmax")
-    p.add_argument("--save-dtype", help="dtype of the saved weights (default: the init's, else bfloat16)")
+    p.add_argument("--save-dtype", help="dtype of the saved weights (default float32: the trained weights as they "
+                   "are; bfloat16 rounding lost a third of a short fine-tune's gain, BENCHMARKS.md section 7)")
     p.add_argument("--drafter-cost", type=float, help="a drafter step's cost in target decode steps (default: "
                    "measured on --device, with the verify passes)")
     p.add_argument("--loop-prompts", type=int, help="held-out prompts run through speculative.generate at the end "
@@ -427,7 +428,7 @@ def settings_from(args: argparse.Namespace, saved: dict | None) -> dict:
         raise UsageError(f"--lr must be positive, got {s['lr']}")
     if s["drafter_cost"] is not None and not s["drafter_cost"] > 0:
         raise UsageError(f"--drafter-cost must be positive, got {s['drafter_cost']}")
-    s["lr"] = s["lr"] or (2e-3 if s["init"] == "scratch" else 3e-4)  # fine-tuning: a small step off a good start
+    s["lr"] = s["lr"] or (2e-3 if s["init"] == "scratch" else 1e-3)  # fine-tuning: BENCHMARKS.md section 7's sweep
     s["eval_steps"] = s["eval_steps"] or max(s["draft_steps"], DEFAULTS["eval_steps"])
     if s["eval_steps"] < 1 or s["eval_steps"] >= s["seq_len"] // 2:
         raise UsageError(f"--eval-steps must be between 1 and --seq-len / 2, got {s['eval_steps']}")
@@ -500,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
 
     gen = torch.Generator().manual_seed(s["seed"])
     drafter, config, generation = build_drafter(target, s, gen, scratch)
-    save_dtype = parse_dtype(s["save_dtype"] or config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    save_dtype = parse_dtype(s["save_dtype"])
     optimizer = make_optimizer(drafter, s["lr"], s["weight_decay"])
     greedy_rows = {"data": 0, "greedy": s["batch_size"], "mixed": s["batch_size"] // 2}[s["contexts"]]
     best_weights: dict[str, torch.Tensor] = {}  # the best evaluation's float32 weights (step 0: the init's)
@@ -579,9 +580,13 @@ def run(args: argparse.Namespace) -> int:
     before = state["evals"][0]
     drafter.load_state_dict({k: v.to(target.device) for k, v in best_weights.items()})
     drafter.requires_grad_(False).eval()
-    master = None
-    if save_dtype != torch.float32 and not kept_init:  # what rounding to save_dtype costs the trained weights
-        master = measure(drafter, f"float32 weights of step {best_step}")
+    other = None  # the output's weights in the other dtype: what rounding to bfloat16 costs (or would cost)
+    if not kept_init:
+        twin = copy.deepcopy(drafter)  # the float32 master weights
+        other_dtype = torch.bfloat16 if save_dtype == torch.float32 else torch.float32
+        round_to(twin, other_dtype)  # (float32: as they are)
+        other = {"dtype": str(other_dtype).removeprefix("torch."),
+                 **measure(twin, f"step {best_step} in {other_dtype}")}
     round_to(drafter, save_dtype)
     n = output["num_assistant_tokens"]
     generation = {**generation, "num_assistant_tokens": n, "num_assistant_tokens_schedule": "constant"}
@@ -595,7 +600,7 @@ def run(args: argparse.Namespace) -> int:
               "output_step": best_step, "kept_init": kept_init,
               "acceptance_per_position": {"before": before["acceptance_per_position"],
                                           "after": output["acceptance_per_position"]},
-              "float32_weights": master, "costs": state["costs"], "num_assistant_tokens": n,
+              "output_in_other_dtype": other, "costs": state["costs"], "num_assistant_tokens": n,
               "speed_model": "speedup(N) = (1 + A_1 + ... + A_N) / (N * drafter_cost + verify_cost[N]), costs in "
                              "target decode steps"}
     if s["loop_prompts"]:
