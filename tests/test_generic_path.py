@@ -346,6 +346,41 @@ def test_greedy_speculative_equals_target_only_up_to_a_near_tie(family, dtype, p
     assert accepted > 0
 
 
+# Two prompts (from the Python standard library's ast.py and fractions.py, the bundled pair's training corpus) on
+# which the bundled pair's bfloat16 speculative run on the generic path differs from target-only on this CPU: 2 of
+# the 24 prompts scripts/gpu_check.py draws (64 new tokens), first differing at tokens 51 and 40.
+NEAR_TIE_PROMPTS = [
+    'kwargs):\n        return Tuple(list(dims), Load(), **kwargs)\n\n# If the ast module is loaded more than once, '
+    'only add deprecated methods once\nif not hasattr(Tuple, \'dims\'):\n    # The following code is for backward '
+    'compatibility.\n    # It will be removed in future.\n\n    def _dims_getter(self):\n        """Deprecated. Use '
+    'elts instead."""',
+    '\n\n    def __repr__(self):\n        """repr(self)"""\n        return \'%s(%s, %s)\' % (self.__class__.__name__,'
+    '\n                               self._numerator, self._denominator)\n\n    def __str__(self):\n        '
+    '"""str(self)"""\n        if self._denominator == 1:\n            return str(self._numerator)\n        else',
+]
+
+
+def test_bundled_bfloat16_differences_are_near_ties_and_fixed_rows_keep_target_only_output():
+    """The bundled pair in bfloat16 on the generic path: where speculative output differs from target-only output
+    (measured on this CPU: both prompts), it is at a near-tie, the second-best token taken (margins measured:
+    0.031 and 0.0, an exact tie). With generic.fixed_rows(16) the same runs give target-only output (24 of 24
+    gpu_check prompts here, against 22 of 24 without)."""
+    from weights.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ROOT / "tiny_gemma4" / "target")
+    target = load_target(ROOT / "tiny_gemma4" / "target", dtype=torch.bfloat16)
+    drafter = load_drafter(ROOT / "tiny_gemma4" / "drafter", target=target, dtype=torch.bfloat16)
+    for text in NEAR_TIE_PROMPTS:
+        prompt = [tokenizer.bos_id] + tokenizer.encode(text)
+        runs = {}
+        for rows in (None, 16):
+            with generic.fixed_rows(rows):
+                runs[rows] = [generate(target, d, prompt, max_new_tokens=52, stop_token_ids=[]).tokens
+                              for d in (None, drafter)]
+        equal_up_to_a_near_tie(target, prompt, *runs[None], "bundled bfloat16 speculative")
+        assert runs[16][0] == runs[16][1], "fixed rows: speculative == target-only"
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_batch_rows_equal_target_only_up_to_a_near_tie(dtype, pair):
     target, drafter = pair("e4b", dtype)
