@@ -1028,8 +1028,13 @@ def decode_rate(results) -> float:
 def section_schedules(args, q: dict) -> list[str]:
     if args.schedules_from:  # several runs (e.g. one process per dtype, side by side), merged
         runs = [json.loads(Path(f).read_text()) for f in args.schedules_from.split(",")]
-        cfg = dict(runs[0]["cfg"], dtypes=tuple(d for r in runs for d in r["cfg"]["dtypes"]))
-        results = {(tuple(k), label): v for r in runs for k, label, v in r["results"]}
+        cfg = dict(runs[0]["cfg"], dtypes=tuple(dict.fromkeys(d for r in runs for d in r["cfg"]["dtypes"])))
+        values: dict = {}
+        for r in runs:  # a cell measured by several runs: the median of its runs
+            for k, label, v in r["results"]:
+                values.setdefault((tuple(k), label), []).append(v)
+        results = {key: statistics.median(v) for key, v in values.items()}
+        cfg["runs"] = max(len(v) for v in values.values())
         curves = next((r["curves"] for r in runs if r["curves"]), {})
         return render_schedules(results, cfg, [x for r in runs for x in r["load"]], curves, args)
     cfg = dict(q["schedules"])
@@ -1078,15 +1083,17 @@ def section_schedules(args, q: dict) -> list[str]:
 def render_schedules(results: dict, cfg: dict, load: list[float], curves: dict, args) -> list[str]:
     """The section's text and plots from measured cells (one run, or several runs' JSON merged)."""
     batches, ns, new = cfg["batches"], cfg["ns"], cfg["new"]
+    runs = "One run" if cfg.get("runs", 1) == 1 else f"The median of {cfg['runs']} runs"
     lines = [f"The bundled pair; {max(batches)} held-out code prompts (the drafter's domain) and {max(batches)} "
              f"English prose paragraphs (pydoc's topics) of {cfg['prompt']} tokens; the costly drafter is the "
              "bundled one computing each step 8 times (same drafts, about the cost of a target decode step). Each "
              f"cell runs the first B prompts as one batch, greedy, {new} new tokens per row, "
              f"{torch.get_num_threads()} threads; decode tokens/s = all rows' decode tokens / the batch's decode "
-             "seconds (prefill excluded). One run per schedule, the schedules back to back within each cell; every "
-             "output equals target-only (checked). `auto` starts each generation with no acceptance knowledge and "
-             "with the costs this process measured in earlier generations (a warm-up generation per drafter first). "
-             f"Load average (1 min) at the start and end of each run: {', '.join(f'{x:.1f}' for x in load)} (a shared 2-core "
+             f"seconds (prefill excluded). {runs} per schedule, the schedules back to back within each cell; every "
+             "output equals target-only (checked). `auto` runs as a first use in a process would after a warm-up "
+             "generation per drafter: it measured its costs in this process, and each generation starts from the "
+             "pair's recent acceptance. Load average (1 min) at the start and end of each run: "
+             f"{', '.join(f'{x:.1f}' for x in load)} (a shared 2-core "
              "machine: single runs are noisy).", "",
              "| dtype | prompts | B | target only | " + " | ".join(f"N={n}" for n in ns) + " | heuristic | auto "
              "(mean k) | auto / target only | auto / best N |", "|---" * (8 + len(ns)) + "|"]

@@ -16,8 +16,10 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   loop runs anyway (`RoundClock`: no extra host sync; on CUDA the drafting phase is timed with events that the
   round's one sync completes). A (B, k + 1) with fewer rounds than half of SAMPLES_KEPT takes the least-squares line
   in k + 1 through that B's medians instead (on a busy machine a few rounds are noisy; the line pools them), and a
-  B measured at fewer than two lengths the line through every round's median by its token rows T = B (k + 1). A process's first rounds with a pair measure what is missing: k = 1, then k = 0, twice each (the first
-  time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead: then
+  B measured at fewer than two lengths the line through every round's median by its token rows T = B (k + 1). A
+  drafter step at a batch size never drafted is the nearest measured size's, scaled as the target's decode step
+  scales between them. A process's first rounds with a pair measure what is missing: k = K, then k = 0, twice
+  each (the first time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead: then
   `auto`'s choices depend on past acceptance alone (deterministic: the tests, and seeded sampling that must repeat
   draw for draw; with measured costs a seed repeats the law, not every draw).
 - **Acceptance** (`RowAcceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
@@ -128,18 +130,25 @@ class MeasuredCosts:
                             {t: statistics.median(s) for t, s in self._rest.items()})
         return self._tables
 
-    def calibration(self, batch: int) -> int | None:
-        """The k a round must run to measure what is still missing (a drafter step, and the rest of a round at a
-        second token count), or None when every cost can be estimated."""
+    def calibration(self, batch: int, k_max: int) -> int | None:
+        """The k a round must run to measure what is still missing (a drafter step and the longest verify pass,
+        then a decode step: the line in k + 1 spans every length it is asked for), or None when every cost can be
+        estimated."""
         step, rest = self.tables()
-        if not step:
-            return 1
+        if not step or len(rest) < 2 and batch * (k_max + 1) not in rest:
+            return k_max
         if len(rest) < 2:
-            return 0 if batch * 2 in rest else 1
+            return 0
         return None
 
     def drafter_step(self, batch: int) -> float:
-        return self._estimate(self._step, 0, batch)
+        """The median at `batch`, else the nearest measured batch size's, scaled as the target's decode step
+        scales between the two (both are small transformers run over the same rows)."""
+        table = self.tables()[0]
+        if batch in table:
+            return table[batch]
+        near = min(table, key=lambda b: (abs(b - batch), b))
+        return table[near] * self.rest(batch, 1) / self.rest(near, 1)
 
     def rest(self, batch: int, size: int) -> float:
         """The rest of a round of `batch` rows verifying `size` = k + 1 tokens each: this batch size's own median
@@ -188,7 +197,7 @@ class FixedCosts:
     def prior(self) -> tuple[float, float]:
         return 0.0, 0.0
 
-    def calibration(self, batch: int) -> None:
+    def calibration(self, batch: int, k_max: int) -> None:
         return None
 
     def drafter_step(self, batch: int) -> float:
@@ -317,7 +326,7 @@ class AutoPlanner:
         live = [(row, room) for row, room in zip(rows, rooms) if row is not None]
         batch, frozen = len(rows), len(rows) - len(live)
         k_max = max(0, min(self.k_max, max(room for _, room in live)))
-        calibration = self.costs.calibration(batch)
+        calibration = self.costs.calibration(batch, self.k_max)
         if calibration is not None:
             return Plan(min(k_max, calibration), [None] * batch)
         prior = (self.hits + 1.0) / (self.trials + 2.0)

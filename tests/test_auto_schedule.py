@@ -57,14 +57,16 @@ def test_measured_costs_drop_each_shapes_first_round_and_fit_a_line():
     step, rest = (lambda B: 0.002 * B), (lambda T: 0.01 + 0.003 * T)
     done = []
     for _ in range(6):
-        k = costs.calibration(4)
+        k = costs.calibration(4, 8)
         if k is None:
             break
         done.append(k)
         costs.add(4, k, k * step(4), rest(4 * (k + 1)))
-    assert done == [1, 1, 0, 0]  # a drafter step and a verify pass of 2 rows per row, then decode; each twice
+    assert done == [8, 8, 0, 0]  # a drafter step and the longest verify pass, then decode; each twice
     assert costs.drafter_step(4) == pytest.approx(0.008)
-    for S in (1, 2, 5, 9):  # exact costs on a line: the fit reproduces them, measured or not
+    # never drafted at 8 rows: 4 rows' step, scaled as decode scales from 4 to 8 rows (0.034 / 0.022)
+    assert costs.drafter_step(8) == pytest.approx(0.008 * rest(8) / rest(4))
+    for S in (1, 2, 5, 9, 12):  # exact costs on a line: the fit reproduces them, measured or not
         assert costs.rest(4, S) == pytest.approx(rest(4 * S))
     assert costs.rest(2, 3) == pytest.approx(rest(6))  # a batch size never seen: the line in T = B x S
     for _ in range(SAMPLES_KEPT):  # a count measured often enough is its own median, off the line
