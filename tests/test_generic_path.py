@@ -375,8 +375,8 @@ def test_bundled_bfloat16_differences_are_near_ties_and_fixed_rows_keep_target_o
         runs = {}
         for rows in (None, 16):
             with generic.fixed_rows(rows):
-                runs[rows] = [generate(target, d, prompt, max_new_tokens=52, stop_token_ids=[]).tokens
-                              for d in (None, drafter)]
+                runs[rows] = [generate(target, d, prompt, max_new_tokens=52, stop_token_ids=[],
+                                       schedule="constant").tokens for d in (None, drafter)]
         equal_up_to_a_near_tie(target, prompt, *runs[None], "bundled bfloat16 speculative")
         assert runs[16][0] == runs[16][1], "fixed rows: speculative == target-only"
 
