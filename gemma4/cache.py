@@ -91,6 +91,20 @@ class RingSnapshot:
     floors: list[int]
 
 
+class LayerKV:
+    """One layer's K/V buffers in a cache, for the forward the cache has `begin`-ed: `update(k, v)` stores the
+    layer's new K/V and returns what its attention reads. It holds the buffers, not the layer's index, so every
+    layer of one kind runs the same code with other tensors: torch.compile compiles one graph per kind of layer
+    and reuses it for all of them (speculative/compiled.py)."""
+
+    def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, full: bool):
+        self.cache, self.k, self.v, self.full = cache, k, v, full
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's K/V [b, n_kv, S, d] and return the K/V [b, n_kv, T, d] the attention reads."""
+        return self.cache._store(self.k, self.v, self.full, k, v)
+
+
 class KVCache:
     """K/V of every layer that owns K/V, for batch B, laid out per attention type as described above.
 
@@ -212,9 +226,16 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's K/V [b, n_kv, S, d] of `layer` and return the K/V its attention reads."""
-        kb, vb = self._k[layer][self._rows], self._v[layer][self._rows]  # views of this step's rows
+        return self.layer(layer).update(k, v)
+
+    def layer(self, index: int) -> LayerKV:
+        """Layer `index`'s part of the cache for this forward (after `begin`): what its attention writes and reads."""
+        return LayerKV(self, self._k[index], self._v[index], self.config.layers[index].attention_type == FULL)
+
+    def _store(self, k_buffer, v_buffer, full: bool, k: torch.Tensor, v: torch.Tensor):
+        kb, vb = k_buffer[self._rows], v_buffer[self._rows]  # views of this step's rows
         S = k.shape[2]
-        if self.config.layers[layer].attention_type == FULL:
+        if full:
             if self._uniform:
                 start = self._starts[0]
                 kb[:, :, start:start + S] = k

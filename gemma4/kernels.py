@@ -134,7 +134,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             rows = rows.expand(2, inp)  # [2, in]: the 2+ row kernel (a view; oneDNN reads it as it is)
         y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")  # [max(T, 2), out]
         return (y[:1] if tokens == 1 else y).view(*x.shape[:-1], out)
-    if tokens > _FEW_TOKENS or weight.numel() < _BLOCKED_WEIGHT or out % _ROW_BLOCKS:
+    # Under torch.compile, F.linear (inductor runs its own choice of GEMM for it): a branch on the token count
+    # would give every kind of compiled layer a second graph for verify passes of more than _FEW_TOKENS.
+    if (tokens > _FEW_TOKENS or weight.numel() < _BLOCKED_WEIGHT or out % _ROW_BLOCKS
+            or torch.compiler.is_compiling()):
         return F.linear(x, weight, bias)
     x = x.contiguous()
     blocks = weight.view(_ROW_BLOCKS, out // _ROW_BLOCKS, inp)  # [8, out/8, in]

@@ -94,6 +94,9 @@ class Attention(nn.Module):
     def __init__(self, config: Gemma4Config, spec: LayerSpec):
         super().__init__()
         self.spec = spec
+        # what forward reads of the spec, as plain attributes: never the layer's index, so that layers of one kind
+        # are the same code to torch.compile (its guards compare these values)
+        self.head_dim, self.kind, self.reuses = spec.head_dim, spec.attention_type, spec.kv_mode == "reuse"
         heads, d, hidden, bias = config.num_attention_heads, spec.head_dim, config.hidden_size, config.attention_bias
         self.q_proj = Linear(hidden, heads * d, bias=bias)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
@@ -104,11 +107,15 @@ class Attention(nn.Module):
             self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
             self.v_proj = Linear(hidden, spec.num_kv_heads * d, bias=bias) if spec.has_v_proj else None
 
-    def forward(self, x, cos, sin, mask, cache, shared: dict) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, kv, shared: dict) -> torch.Tensor:
+        """`kv`: this layer's `LayerKV` of the cache (None: no cache; reuse layers never get one). `shared`: per
+        attention type, the K/V of the last layer of this pass that owns K/V; every owning layer writes it, so that
+        owning layers are one kind of code whether or not they are their type's "store" layer (the reuse layers
+        come after all owning layers: they read their store layer's)."""
         B, S, _ = x.shape  # x: [B, S, H]
-        d, kind = self.spec.head_dim, self.spec.attention_type
+        d, kind = self.head_dim, self.kind
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, S, -1, d)), cos, sin).transpose(1, 2)  # [B, nH, S, d]
-        if self.spec.kv_mode == "reuse":
+        if self.reuses:
             k, v = shared[kind]
         else:
             k_raw = self.k_proj(x).view(B, S, -1, d)  # [B, S, n_kv, d]
@@ -116,10 +123,9 @@ class Attention(nn.Module):
             v_raw = self.v_proj(x).view(B, S, -1, d) if self.v_proj is not None else k_raw
             k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # [B, n_kv, S, d]
             v = self.v_norm(v_raw).transpose(1, 2)
-            if cache is not None:
-                k, v = cache.update(self.spec.index, k, v)  # [B, n_kv, T, d]
-            if self.spec.kv_mode == "store":
-                shared[kind] = (k, v)
+            if kv is not None:
+                k, v = kv.update(k, v)  # [B, n_kv, T, d]
+            shared[kind] = (k, v)
         out = attend(q, k, v, mask)  # [B, nH, S, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 

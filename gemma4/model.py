@@ -56,8 +56,9 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
             self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
 
-    def forward(self, x, cos, sin, mask, cache, shared, per_layer_input=None) -> torch.Tensor:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, shared))
+    def forward(self, x, cos, sin, mask, kv, shared, per_layer_input=None) -> torch.Tensor:
+        """`kv`: the layer's `LayerKV` of the cache (or None), `shared`: see `Attention.forward`."""
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, shared))
         m = self.mlp(self.pre_feedforward_layernorm(h))
         if self.uses_moe:  # the dense MLP and the experts both run; the router reads h, not the normed input
             flat = h.reshape(-1, h.shape[-1])  # [B*S, H]
@@ -173,28 +174,37 @@ class Gemma4Model(nn.Module):
                            torch.cat([o.hidden_states for o in outputs], dim=1))
 
     def run_step(self, input_ids: torch.Tensor, step: Step, cache: KVCache, keep: int,
-                 image_features: torch.Tensor | None = None) -> ModelOutput | None:
+                 image_features: torch.Tensor | None = None, run_layer=None) -> ModelOutput | None:
         """The forward itself, after the cache has reserved the positions (`step`): tensors in, tensors out, no
-        decision that depends on a tensor's value. This is what `torch.compile` compiles (speculative/compiled.py):
-        the cache's bookkeeping stays in Python, outside the graph. `keep=0` (a prefill's pieces before the last)
-        only fills the cache: the trailing KV-sharing layers and the head are skipped, and None is returned."""
+        decision that depends on a tensor's value. `run_layer(layer, *inputs)` runs a decoder layer (default:
+        `layer(*inputs)`): the compiled path (speculative/compiled.py) passes one compiled function, which
+        compiles one graph per kind of layer (attention type, owns or reuses K/V) and runs it for every layer of
+        that kind; the cache's bookkeeping stays in Python, outside the graphs. `keep=0` (a prefill's pieces
+        before the last) only fills the cache: the trailing KV-sharing layers and the head are skipped, and None
+        is returned."""
         S = input_ids.shape[1]
         masks = step.masks
         x, ple = self.embed_prompt(input_ids, image_features)  # [B, S, H], [B, S, L, P]
+        if ple is not None:  # [L, B, S, P]: each layer's slice contiguous (a compiled layer's guards then see the
+            ple = ple.permute(2, 0, 1, 3).contiguous()  # same strides for every S)
         rope = {
             t: rope_cos_sin(step.positions, self.config.rope[t], head_dim, x.dtype)
             for t, head_dim in {s.attention_type: s.head_dim for s in self.config.layers}.items()
         }
-        shared: dict = {}  # attention type -> (K, V) of its "store" layer in this pass, read by "reuse" layers
+        # attention type -> (K, V) of its last owning layer in this pass, read by "reuse" layers; every type's key
+        # is there from the start, so a compiled layer sees a dict of one shape whatever its place in the stack
+        shared: dict = dict.fromkeys(self.config.layer_types)
         for spec, layer in zip(self.config.layers, self.layers):
             if spec.index == self.kv_shared_from and keep < S:  # from here on only the kept rows matter
                 if keep == 0:  # nothing from here on writes the cache
                     return None
-                x, ple = x[:, -keep:], ple[:, -keep:] if ple is not None else None
+                x, ple = x[:, -keep:], ple[:, :, -keep:] if ple is not None else None
                 rope = {t: (cos[:, -keep:], sin[:, -keep:]) for t, (cos, sin) in rope.items()}
                 masks = {t: last_rows(m, keep) for t, m in masks.items()}
             t = spec.attention_type
-            x = layer(x, *rope[t], masks[t], cache, shared, ple[:, :, spec.index] if ple is not None else None)
+            kv = cache.layer(spec.index) if spec.kv_mode != "reuse" else None
+            inputs = (x, *rope[t], masks[t], kv, shared, ple[spec.index] if ple is not None else None)
+            x = layer(*inputs) if run_layer is None else run_layer(layer, *inputs)
         if keep == 0:
             return None
         h = self.norm(x[:, -keep:])  # [B, keep, H]

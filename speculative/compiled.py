@@ -2,26 +2,32 @@
 
 A small model's decode step is bound by the number of PyTorch ops it launches (about 1,700 per forward of the
 bundled target), not by arithmetic; inductor fuses them into a few dozen kernels. Nothing here is a second model:
-`Gemma4Model.run_step` and `Drafter.forward` are compiled as they are, because they were written to be
-compile-friendly (tensors in, tensors out, no branch on a tensor's value). What makes shapes fixed lives in the
-cache: a static cache (`KVCache(static=True)`) has one buffer shape for the whole generation (full layers attend
-over all `max_length` positions, masked) and writes through index tensors, and the Python bookkeeping (lengths,
-masks, rollbacks) runs outside the graph, in `KVCache.begin`.
+the decoder layers (`DecoderLayer.forward`) and `Drafter.forward` are compiled as they are, because they were
+written to be compile-friendly (tensors in, tensors out, no branch on a tensor's value). What makes shapes fixed
+lives in the cache: a static cache (`KVCache(static=True)`) has one buffer shape for the whole generation (full
+layers attend over all `max_length` positions, masked) and writes through index tensors, and the Python bookkeeping
+(lengths, masks, rollbacks) runs outside the graphs, in `KVCache.begin`.
 
-What is compiled, per model pair (kept on the target, so later generations reuse it):
-- the target's forward over the tokens of a decode step (1 per row) or a verify pass (k + 1 per row), one
-  `torch.compile(dynamic=True)`: dynamo specialises the 1-token case and keeps the verify length symbolic, so a
-  changing k of the auto and heuristic schedules compiles nothing new (the warm-up runs every length);
-- the drafter's forward (one token per row, a fixed shape).
-Prefill stays eager: it runs once per prompt, at a length no later call repeats. `fullgraph=True` turns any graph
-break into an error, so a change that breaks compilation fails loudly (tests/test_compiled.py counts recompiles).
-On CUDA, `mode="reduce-overhead"` adds CUDA graphs (the cache's buffers are marked as static addresses so the
-graphs write into them in place).
+Regional compilation: the target is compiled one decoder layer at a time (`Gemma4Model.run_step(...,
+run_layer=...)`), through ONE compiled function shared by every layer. dynamo keeps a graph per set of guards, and
+the guards see only what a layer's code reads: its kind (attention type, owning or reusing K/V, widths) and the
+shapes and dtypes of its tensors, never its index (a layer reads its cache slot through a `LayerKV`, which holds the
+buffers, and every owning layer exports its K/V). So the bundled target's 24 layers compile 4 graphs, not 24
+layers' worth of code, and a deeper model of the same kinds compiles nothing new. The embedding, per-layer inputs,
+rotary tables and head (a few dozen ops) run eagerly between the graphs.
 
-The first call of each shape compiles (minutes on a 2-core CPU for the bundled pair); `generate` runs those calls
-before its timed decode loop and reports them as `stats.compile_seconds`. inductor keeps compiled kernels on disk
-(`cache_dir()`: torch's default folder in the temporary directory, or $TORCHINDUCTOR_CACHE_DIR), so a second process
-starts much faster.
+What is compiled, per kind of layer: a graph for one token per row (dynamo specialises size 1) and a graph whose
+token count is symbolic (`dynamic=True`), which serves every verify length 2..K + 1, so a schedule whose draft
+length changes every round (auto, heuristic) compiles nothing after the warm-up (which runs every length); and the
+drafter's forward (one token per row, a fixed shape). Prefill stays eager: it runs once per prompt, at a length no
+later call repeats. `fullgraph=True` turns any graph break into an error, so a change that breaks compilation fails
+loudly (tests/test_compiled.py counts compiled graphs). On CUDA, `mode="reduce-overhead"` adds CUDA graphs (the cache's
+buffers are marked as static addresses so the graphs write into them in place).
+
+The first call of each shape compiles; `generate` runs those calls before its timed decode loop and reports them as
+`stats.compile_seconds`. inductor keeps what it compiled on disk (`cache_dir()`: torch's default folder in the
+temporary directory, or $TORCHINDUCTOR_CACHE_DIR; delete that folder to start cold), so a second process skips the
+code generation and the C++ compiler and only traces (BENCHMARKS.md, section 10, has both figures).
 
 The models' `functools.cache` helpers (constants such as RoPE's inverse frequencies, made once for eager mode) are
 pure functions of their arguments, so dynamo may trace through their cache: `allow_cached_helpers` tells it so, and
@@ -57,10 +63,11 @@ class CompiledSteps:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         allow_cached_helpers()
 
-        def target_step(input_ids, step, cache, keep):  # its own function: dynamo caches graphs per function
-            return target.run_step(input_ids, step, cache, keep)
+        def run_layer(layer, *inputs):  # its own function: dynamo caches graphs per function
+            return layer(*inputs)
 
-        self._target = torch.compile(target_step, fullgraph=True, dynamic=True, mode=mode)
+        self._layer = torch.compile(run_layer, fullgraph=True, dynamic=True, mode=mode)
+        self._run_step = target.run_step
         self._drafter = None
         if drafter is not None:
             def drafter_step(inputs_embeds, position, views, context):
@@ -71,7 +78,7 @@ class CompiledSteps:
     def forward(self, input_ids: torch.Tensor, cache):
         """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static)."""
         S = input_ids.shape[1]
-        return self._target(input_ids, cache.begin(S), cache, S)
+        return self._run_step(input_ids, cache.begin(S), cache, S, run_layer=self._layer)
 
     def step(self, target, token, hidden, position, views, context=None):
         """Drafter.step, compiled: the embedding of the last token and the hidden state in, one draft step out."""

@@ -309,8 +309,8 @@ class _CompiledDrafter:
 def warm_up(steps: Steps, target, cache, token, h, k_max: int, sampler) -> None:
     """Run every shape the loop can meet once and forget it: a decode step, a verify pass of each length 2..k_max+1
     and a drafter step, so that compiling happens here and not inside the timed loop. The verify length is symbolic
-    in the compiled graph, so most lengths reuse a graph (a forward each); a new graph comes only where the code
-    takes another path by length (`linear`'s float32 row blocks stop at 16 rows, for example)."""
+    in the compiled graphs, so lengths 3.. reuse the graphs of length 2 (a forward each); running them all keeps
+    that true should the code ever take another path by length (a branch on the token count compiles a graph)."""
     B = token.shape[0]
     for S in range(1, k_max + 2):  # contiguous ids, as the loop's: a stride is part of a graph's guards
         steps.target(token.expand(B, S).contiguous(), cache)

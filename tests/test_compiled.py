@@ -27,10 +27,11 @@ pytestmark = pytest.mark.usefixtures("row_invariant_float32")  # tests/conftest.
 
 
 @functools.cache
-def small_pair(family: str = "31b"):
-    """A family pair with 2 target layers (one sliding, one full), biased so that drafts are often accepted."""
-    overrides = {} if family != "31b" else dict(num_hidden_layers=2, layer_types=["sliding_attention",
-                                                                                  "full_attention"])
+def small_pair(family: str = "31b", layers: int = 2):
+    """A family pair with `layers` target layers (31b: sliding and full in turn), biased so that drafts are often
+    accepted."""
+    overrides = {} if family != "31b" else dict(num_hidden_layers=layers,
+                                                layer_types=["sliding_attention", "full_attention"] * (layers // 2))
     target = tiny.build_target(family, seed=0, **overrides)
     drafter = tiny.build_drafter(tiny.PAIRS[family], seed=1)
     tiny.bias_vocab(target, drafter, [10, 11, 12], amount=0.3)
@@ -71,6 +72,19 @@ def test_compiled_greedy_equals_eager_for_both_schedules_without_recompiling():
     # auto (the default): k changes from round to round within 0..3, every length already compiled
     _, chosen = compare(target, drafter, prompt(45, seed=5), max_new_tokens=30, num_draft_tokens=3)
     assert graphs() == before and len(set(chosen.stats.draft_lengths)) > 1
+
+
+def test_layers_of_one_kind_share_their_compiled_graphs():
+    """Regional compilation (speculative/compiled.py): one graph per kind of layer and shape, reused by every layer
+    of that kind, so a target with twice the layers of the same kinds compiles nothing new (the whole-model graph
+    compiled every model again, and every layer of a model apart from the others)."""
+    target, drafter = small_pair()
+    compare(target, drafter, prompt(30), max_new_tokens=12, num_draft_tokens=3)
+    before = graphs()
+    deeper, deeper_drafter = small_pair(layers=4)
+    assert len(deeper.layers) == 4
+    compare(deeper, deeper_drafter, prompt(30, seed=5), max_new_tokens=12, num_draft_tokens=3)
+    assert graphs() == before
 
 
 def test_compiled_sampling_with_a_seed_equals_eager():
