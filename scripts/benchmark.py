@@ -50,6 +50,8 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
 import struct
 import subprocess
@@ -72,7 +74,8 @@ from weights import load_drafter, load_target, load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 S, F = "sliding_attention", "full_attention"
-SECTIONS = ("forward", "spec", "tradeoff", "memory", "cuda", "e2b", "training", "batch", "compiled", "schedules")
+SECTIONS = ("forward", "spec", "tradeoff", "memory", "cuda", "e2b", "training", "batch", "compiled", "schedules",
+            "llamacpp")
 MEASURED_ELSEWHERE = {"training"}  # written from scripts/train_drafter.py's report: kept as it is in BENCHMARKS.md
 CPU_DTYPE = torch.float32
 
@@ -1181,6 +1184,208 @@ def plot_schedules(results: dict, cfg: dict, curves: dict, args) -> list[str]:
                   if kpath.is_relative_to(args.out.parent) else f"plot: {kpath}",
                   "", f"Mean k: {statistics.mean(curves['code']):.2f} over the code part, "
                   f"{statistics.mean(curves['prose']):.2f} over the prose part."]
+
+
+# ---- side by side: ours eager and compiled, transformers, llama.cpp ---------------------------------------------
+def llama_cpp_tree(args) -> Path | None:
+    """A built llama.cpp source tree (`--llama-cpp DIR` or $LLAMA_CPP): DIR/convert_hf_to_gguf.py and the binaries
+    llama-completion and llama-speculative-simple in DIR/build/bin. None when there is none: this script installs
+    nothing (README.md, "llama.cpp as a benchmark peer", says how to get one)."""
+    folder = args.llama_cpp or os.environ.get("LLAMA_CPP")
+    if not folder:
+        return None
+    folder = Path(folder)
+    needed = [folder / "convert_hf_to_gguf.py", *(folder / "build" / "bin" / b for b in LLAMA_CPP_BINARIES)]
+    return folder if all(p.is_file() for p in needed) else None
+
+
+LLAMA_CPP_BINARIES = ("llama-completion", "llama-speculative-simple")
+
+
+def to_gguf(tree: Path, model: Path, dtype: str, out: Path) -> Path:
+    """The checkpoint converted by llama.cpp's own converter (it reads tokenizer.json, which tiny_gemma4 ships)."""
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
+    subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(model), "--outtype",
+                    {"float32": "f32", "bfloat16": "bf16"}[dtype], "--outfile", str(out)], env=env, check=True,
+                   capture_output=True)
+    return out
+
+
+def run_llama_cpp(tree: Path, target: Path, drafter: Path | None, text: str, new_tokens: int, n: int,
+                  threads: int) -> tuple[str, float]:
+    """Greedy generation of `new_tokens` tokens after `text` (llama.cpp adds <bos>), target-only
+    (llama-completion) or speculative with the MTP drafter (llama-speculative-simple --spec-type draft-mtp, N
+    drafts). Returns the generated text and tokens/s = new tokens / (prompt eval + generation) seconds, as ours
+    (the process start and model load excluded)."""
+    common = ["-m", str(target), "-p", text, "-n", str(new_tokens), "--temp", "0", "-t", str(threads), "-tb",
+              str(threads), "-c", "1024", "--ignore-eos"]
+    if drafter is None:
+        cmd = [str(tree / "build" / "bin" / "llama-completion"), *common, "-no-cnv", "--no-display-prompt",
+               "--no-warmup"]
+    else:
+        cmd = [str(tree / "build" / "bin" / "llama-speculative-simple"), *common, "-md", str(drafter),
+               "--spec-type", "draft-mtp", "--spec-draft-n-max", str(n), "-td", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if " E " in line or "error" in line.lower()]
+        raise LlamaCppRefused(f"{Path(cmd[0]).name} failed ({done.returncode}): "
+                              + (errors[0].split(": ", 1)[-1] if errors else done.stderr[-500:]))
+    log = done.stderr
+    if drafter is None:
+        prompt_ms = float(re.search(r"prompt eval time =\s*([\d.]+) ms", log).group(1))
+        eval_ms = float(re.search(r"\n[^\n]*?\beval time =\s*([\d.]+) ms", log.split("prompt eval time")[1]).group(1))
+        seconds, text_out = (prompt_ms + eval_ms) / 1e3, done.stdout
+    else:
+        m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
+        prompt = re.search(r"encoded\s+\d+ tokens in\s+([\d.]+) seconds", log)
+        seconds = float(m.group(2)) + (float(prompt.group(1)) if prompt else 0.0)
+        text_out = done.stdout[len(text):] if done.stdout.startswith(text) else done.stdout
+    return text_out, new_tokens / seconds
+
+
+class LlamaCppRefused(RuntimeError):
+    """llama.cpp did not run a configuration (its message says why)."""
+
+
+def measure_warmup(dtype: str, models: str, spec: bool) -> None:
+    """(--measure-warmup, in a fresh process) the compile seconds of a first compiled generation, as JSON."""
+    start = time.perf_counter()
+    target = load_target(Path(models) / "target", dtype=getattr(torch, dtype))
+    drafter = load_drafter(Path(models) / "drafter", target=target) if spec else None
+    loaded = time.perf_counter() - start
+    res = generate(target, drafter, list(range(5, 40)), max_new_tokens=40, schedule="heuristic" if spec else "constant",
+                   compile=True)
+    print(json.dumps({"compile_seconds": res.stats.compile_seconds, "load_seconds": loaded,
+                      "process_seconds": time.perf_counter() - start}))
+
+
+def section_llamacpp(args, q: dict) -> list[str]:
+    """Side by side on the bundled pair: ours eager and compiled, transformers, llama.cpp; target-only and
+    speculative; float32 and bfloat16; 1 and 2 threads; plus the compiled path's warm-up in a first and a second
+    process. Every implementation generates greedily from the same prompts, interleaved, median of q["repeats"]."""
+    from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+    tree = llama_cpp_tree(args)
+    if tree is None:
+        return ["skipped: llama.cpp not found (pass --llama-cpp DIR or set LLAMA_CPP to a built llama.cpp source "
+                "tree; README.md, \"llama.cpp as a benchmark peer\", says how to build one)"]
+    tokenizer = load_tokenizer(args.models / "target")
+    prompts = held_out_prompts(args.models, q["peer_prompts"], q["prompt_tokens"])
+    texts = [tokenizer.decode(ids[1:]) for ids in prompts]  # llama.cpp tokenizes the text and adds <bos> itself
+    new = q["peer_tokens"]
+    lines, load = [], [os.getloadavg()[0]]
+    tmp = Path(tempfile.mkdtemp(dir=args.tmp_dir, prefix="gguf-"))
+    warm = {}
+    # Warm-up figures first: a fresh process with an empty kernel cache, then another one with the cache the first
+    # left; this process then uses that cache too (its own warm-up is not what is measured here).
+    cache = Path(tempfile.mkdtemp(dir=args.tmp_dir, prefix="inductor-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by inductor at its first compile, which comes later
+    for dtype in ("float32", "bfloat16"):
+        for attempt in ("first", "second"):
+            out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--measure-warmup", dtype,
+                                  str(args.models), "spec"], capture_output=True, text=True, check=True)
+            warm[dtype, attempt] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"[llamacpp] warm-up {dtype} {attempt} process: {warm[dtype, attempt]}, load "
+                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    rows: dict = {}
+    equal: dict = {}
+    refused: dict = {}
+    for dtype in ("float32", "bfloat16"):
+        torch_dtype = getattr(torch, dtype)
+        target = load_target(args.models / "target", dtype=torch_dtype)
+        drafter = load_drafter(args.models / "drafter", target=target)
+        n = args.draft_tokens or drafter.generation_config.get("num_assistant_tokens", 6)
+        hf_target = Gemma4ForCausalLM.from_pretrained(args.models / "target", dtype=torch_dtype).eval()
+        hf_drafter = Gemma4AssistantForCausalLM.from_pretrained(args.models / "drafter", dtype=torch_dtype).eval()
+        hf_drafter.generation_config.num_assistant_tokens = n
+        hf_drafter.generation_config.num_assistant_tokens_schedule = "constant"
+        ggufs = {m: to_gguf(tree, args.models / m, dtype, tmp / f"{m}-{dtype}.gguf") for m in ("target", "drafter")}
+        for spec in (False, True):
+            generate(target, drafter if spec else None, prompts[0], max_new_tokens=new, num_draft_tokens=n,
+                     stop_token_ids=[], compile=True)  # this process's warm-up, not timed
+
+        def ours(i, spec, compiled):
+            res = generate(target, drafter if spec else None, prompts[i], max_new_tokens=new, num_draft_tokens=n,
+                           stop_token_ids=[], compile=compiled)
+            return tokenizer.decode(res.tokens), new / (res.stats.prefill_seconds + res.stats.decode_seconds)
+
+        @torch.inference_mode()
+        def theirs(i, spec):
+            extra = dict(assistant_model=hf_drafter) if spec else {}
+            start = time.perf_counter()
+            out = hf_target.generate(torch.tensor([prompts[i]]), max_new_tokens=new, min_new_tokens=new,
+                                     do_sample=False, **extra)
+            return tokenizer.decode(out[0, len(prompts[i]):].tolist()), new / (time.perf_counter() - start)
+
+        def peer(i, spec, threads):
+            if spec and (dtype, "spec") in refused:
+                return None, float("nan")
+            try:
+                return run_llama_cpp(tree, ggufs["target"], ggufs["drafter"] if spec else None, texts[i], new, n,
+                                     threads)
+            except LlamaCppRefused as error:  # e.g. a drafter this build does not load: recorded, not fatal
+                refused[dtype, "spec"] = str(error)
+                return None, float("nan")
+
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs = {"ours, eager": lambda i, s: ours(i, s, False), "ours, compiled": lambda i, s: ours(i, s, True),
+                    "transformers": theirs, "llama.cpp": lambda i, s: peer(i, s, threads)}
+            for spec in (False, True):
+                speeds = {name: {i: [] for i in range(len(prompts))} for name in runs}
+                outputs = {}
+                for _ in range(q["repeats"]):  # interleaved: a busy spell hits every implementation alike
+                    for i in range(len(prompts)):
+                        for name, fn in runs.items():
+                            outputs[name, i], tps = fn(i, spec)
+                            speeds[name][i].append(tps)
+                    load.append(os.getloadavg()[0])
+                for name in runs:
+                    rows[name, dtype, spec, threads] = statistics.median(
+                        statistics.median(v) for v in speeds[name].values())
+                    equal[name, dtype, spec, threads] = sum(
+                        outputs[name, i] == outputs["ours, eager", i] for i in range(len(prompts))
+                        if outputs[name, i] is not None)
+                    print(f"[llamacpp] {name}, {dtype}, {'speculative' if spec else 'target-only'}, {threads} thr: "
+                          f"{rows[name, dtype, spec, threads]:.1f} tokens/s, same text "
+                          f"{equal[name, dtype, spec, threads]}/{len(prompts)}, load {os.getloadavg()[0]:.1f}",
+                          file=sys.stderr, flush=True)
+        torch.set_num_threads(args.threads)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    modes = [(dtype, spec) for spec in (False, True) for dtype in ("float32", "bfloat16")]
+    head = " | ".join(f"{'speculative' if spec else 'target-only'} {dtype}, {t} thr" for dtype, spec in modes
+                      for t in (1, 2))
+    lines += [f"Bundled pair, {len(prompts)} held-out prompts of {q['prompt_tokens']} tokens, {new} new tokens each "
+              f"(end-of-sequence ignored), greedy, speculative with N = {n}; tokens/s = new tokens / (prefill + "
+              f"generation) seconds (process start, loading and the compiled path's warm-up excluded), median over "
+              f"prompts of the median of {q['repeats']} interleaved runs. llama.cpp: `{tree.name}` built from "
+              "source, the pair converted by its convert_hf_to_gguf.py to GGUF in the same dtype, target-only "
+              "with llama-completion, speculative with llama-speculative-simple --spec-type draft-mtp. "
+              f"Load average (1 min) during the run: {min(load):.1f} to {max(load):.1f}.", "",
+              f"| implementation | {head} |", "|---|" + "---|" * (len(modes) * 2)]
+    for name in ("ours, eager", "ours, compiled", "transformers", "llama.cpp"):
+        cells = [f"{rows[name, d, s, t]:.1f}" if rows[name, d, s, t] == rows[name, d, s, t] else "refused"
+                 for d, s in modes for t in (1, 2)]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    for (d, _), why in refused.items():
+        lines += ["", f"llama.cpp refused the speculative run in {d}: {why}. The ratios below for speculative "
+                  "decoding are then against llama.cpp's target-only decoding."]
+    lines += ["", "Same greedy text as ours (eager) on how many prompts: " + "; ".join(
+        f"{name} {min(equal[name, d, s, t] for d, s in modes for t in (1, 2))}/{len(prompts)}"
+        for name in ("ours, compiled", "transformers", "llama.cpp")) + " (worst over the columns).", ""]
+    def peer_speed(d, s, t):  # llama.cpp's speculative figure, or its target-only one where it refused the pair
+        value = rows["llama.cpp", d, s, t]
+        return value if value == value else rows["llama.cpp", d, False, t]
+
+    lines += ["Ratios, ours compiled / llama.cpp: " + "; ".join(
+        f"{'speculative' if s else 'target-only'} {d}, {t} thr "
+        f"{rows['ours, compiled', d, s, t] / peer_speed(d, s, t):.3f}x" for d, s in modes for t in (1, 2)) + ".", ""]
+    lines += ["Warm-up of the compiled path (`stats.compile_seconds`, speculative with the heuristic schedule: every "
+              "shape any schedule uses), each in a fresh process, with an empty kernel cache and then with the first "
+              "one's: " + "; ".join(f"{d} {warm[d, 'first']['compile_seconds']:.1f} s first, "
+                                     f"{warm[d, 'second']['compile_seconds']:.1f} s second"
+                                     for d in ("float32", "bfloat16")) + "."]
     return lines
 
 
@@ -1208,14 +1413,14 @@ def settings(quick: bool) -> dict:
                     prompt_tokens=48, new_tokens=24, repeats=1, tradeoff_ns=[1, 2, 4], cost_reps=5,
                     memory_layers=(5, 0), e2b=dict(prompt=16, decode=3, reps=1, context=16, ns=[0, 4], verify_reps=2),
                     batch_short=16, batch_long=48, batch_new=12,
-                schedules=dict(batches=(1, 2), dtypes=("float32",), prompt=16, new=8, ns=(1, 4), curve=8))
+                schedules=dict(batches=(1, 2), dtypes=("float32",), prompt=16, new=8, ns=(1, 4), curve=8), peer_prompts=1, peer_tokens=16)
     return dict(prompt=512, decode=32, reps=3, context=300, ns=list(range(9)), verify_reps=7, prompts=5,
                 prompt_tokens=120, new_tokens=128, repeats=3, tradeoff_ns=list(range(1, 9)), cost_reps=30,
                 memory_layers=(35, 20),
                 e2b=dict(prompt=64, decode=8, reps=1, context=64, ns=[0, 4], verify_reps=5),
                 batch_short=40, batch_long=160, batch_new=96,
                 schedules=dict(batches=(1, 4, 8, 16), dtypes=("float32", "bfloat16"), prompt=32, new=32,
-                               ns=tuple(range(1, 9)), curve=96))
+                               ns=tuple(range(1, 9)), curve=96), peer_prompts=3, peer_tokens=64)
 
 
 def machine() -> list[str]:
@@ -1252,6 +1457,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "cells that earlier runs measured (their schedules-*.json files) instead of measuring")
     p.add_argument("--measure-load", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
     p.add_argument("--measure-e2b", nargs=3, metavar=("DTYPE", "IMPL", "FOLDER"), help=argparse.SUPPRESS)
+    p.add_argument("--measure-warmup", nargs=3, metavar=("DTYPE", "FOLDER", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--llama-cpp", default=None, help="a built llama.cpp source tree, for the llamacpp section "
+                   "(default: $LLAMA_CPP; the section is skipped without one)")
     args = p.parse_args(argv)
     if args.write and (args.out is not None or args.quick):
         p.error("--write replaces the committed BENCHMARKS.md: not with --out or --quick")
@@ -1269,6 +1477,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.measure_load:
         measure_load(*args.measure_load)
+        return 0
+    if args.measure_warmup:
+        dtype, folder, mode = args.measure_warmup
+        measure_warmup(dtype, folder, mode == "spec")
         return 0
     if args.measure_e2b:
         dtype, name, folder = args.measure_e2b
@@ -1290,10 +1502,12 @@ def main(argv=None) -> int:
               "training": "7. Training a drafter for a new domain (bundled tiny pair, `scripts/train_drafter.py`)",
               "batch": "8. Batched decoding: tokens/s per batch size, speculative and target-only",
               "compiled": "9. The compiled path (torch.compile), ours eager vs compiled vs transformers",
-              "schedules": "10. Draft-length schedules: auto against target-only and every constant N"}
+              "schedules": "10. Draft-length schedules: auto against target-only and every constant N",
+              "llamacpp": "11. Side by side: ours (eager, compiled), transformers and llama.cpp"}
     functions = {"forward": section_forward, "spec": section_spec, "tradeoff": section_tradeoff,
                  "memory": section_memory, "cuda": section_cuda, "e2b": section_e2b, "batch": section_batch,
-                 "compiled": section_compiled, "schedules": section_schedules}
+                 "compiled": section_compiled, "schedules": section_schedules,
+                 "llamacpp": section_llamacpp}
     command = "python scripts/benchmark.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     models = args.models.relative_to(ROOT) if args.models.is_relative_to(ROOT) else args.models
     doc = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",

@@ -264,7 +264,7 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, prefix: str, config: d
     (folder / "tokenizer.json").write_text(tokenizer_json(folder / "tokenizer.model") + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}, indent=2) + "\n")
+         "unk_token": "<unk>", "mask_token": None, "add_bos_token": True, "add_eos_token": False}, indent=2) + "\n")
 
 
 # A code model has no chat format: the "chat" prompt is the text itself after <bos>, so generate.py works unchanged.

@@ -27,7 +27,7 @@ buffers are marked as static addresses so the graphs write into them in place).
 The first call of each shape compiles; `generate` runs those calls before its timed decode loop and reports them as
 `stats.compile_seconds`. inductor keeps what it compiled on disk (`cache_dir()`: torch's default folder in the
 temporary directory, or $TORCHINDUCTOR_CACHE_DIR; delete that folder to start cold), so a second process skips the
-code generation and the C++ compiler and only traces (BENCHMARKS.md, section 10, has both figures).
+code generation and the C++ compiler and only traces (BENCHMARKS.md, section 11, has both figures).
 
 The models' `functools.cache` helpers (constants such as RoPE's inverse frequencies, made once for eager mode) are
 pure functions of their arguments, so dynamo may trace through their cache: `allow_cached_helpers` tells it so, and
