@@ -1234,7 +1234,9 @@ def run_llama_cpp(tree: Path, target: Path, drafter: Path | None, text: str, new
     if drafter is None:
         prompt_ms = float(re.search(r"prompt eval time =\s*([\d.]+) ms", log).group(1))
         eval_ms = float(re.search(r"\n[^\n]*?\beval time =\s*([\d.]+) ms", log.split("prompt eval time")[1]).group(1))
-        seconds, text_out = (prompt_ms + eval_ms) / 1e3, done.stdout
+        # llama-completion prints "\n\n" after the generated text (completion.cpp, before its timings)
+        text_out = done.stdout[:-2] if done.stdout.endswith("\n\n") else done.stdout
+        seconds = (prompt_ms + eval_ms) / 1e3
     else:
         m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
         prompt = re.search(r"encoded\s+\d+ tokens in\s+([\d.]+) seconds", log)
