@@ -18,7 +18,8 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   in k + 1 through that B's medians instead (on a busy machine a few rounds are noisy; the line pools them), and a
   B measured at fewer than two lengths the line through every round's median by its token rows T = B (k + 1). A
   drafter step at a batch size never drafted is the nearest measured size's, scaled as the target's decode step
-  scales between them. A process's first rounds with a pair measure what is missing: k = K, then k = 0, twice
+  scales between them. Beyond the longest pass measured the lines stay flat: an optimistic guess, which the round
+  that tries it measures (a pessimistic one would never be tried, and never corrected). A process's first rounds with a pair measure what is missing: k = K, then k = 0, twice
   each (the first time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead: then
   `auto`'s choices depend on past acceptance alone (deterministic: the tests, and seeded sampling that must repeat
   draw for draw; with measured costs a seed repeats the law, not every draw).
@@ -165,7 +166,7 @@ class MeasuredCosts:
         if entry is None:
             return self._estimate(self._rest, 1, batch * size)
         medians, counts, line = entry
-        return medians[size] if counts.get(size, 0) >= SAMPLES_KEPT // 2 else line(size)
+        return medians[size] if counts.get(size, 0) >= SAMPLES_KEPT // 2 else line(min(size, max(counts)))
 
     def _estimate(self, samples: dict, which: int, x: int) -> float:
         """The median at x once x has SAMPLES_KEPT / 2 rounds, else the least-squares line through every count's
@@ -174,7 +175,7 @@ class MeasuredCosts:
         table = self.tables()[which]
         if len(samples.get(x, ())) >= SAMPLES_KEPT // 2:
             return table[x]
-        return fit_line({c: (table[c], len(s)) for c, s in samples.items()})(x)
+        return fit_line({c: (table[c], len(s)) for c, s in samples.items()})(min(x, max(samples)))
 
 
 class FixedCosts:

@@ -66,17 +66,18 @@ def test_measured_costs_drop_each_shapes_first_round_and_fit_a_line():
     assert costs.drafter_step(4) == pytest.approx(0.008)
     # never drafted at 8 rows: 4 rows' step, scaled as decode scales from 4 to 8 rows (0.034 / 0.022)
     assert costs.drafter_step(8) == pytest.approx(0.008 * rest(8) / rest(4))
-    for S in (1, 2, 5, 9, 12):  # exact costs on a line: the fit reproduces them, measured or not
+    for S in (1, 2, 5, 9):  # exact costs on a line: the fit reproduces them, measured or not
         assert costs.rest(4, S) == pytest.approx(rest(4 * S))
+    assert costs.rest(4, 12) == pytest.approx(rest(4 * 9))  # beyond the longest pass measured: flat (optimistic)
     assert costs.rest(2, 3) == pytest.approx(rest(6))  # a batch size never seen: the line in T = B x S
     for _ in range(SAMPLES_KEPT):  # a count measured often enough is its own median, off the line
         costs.add(4, 2, 2 * step(4), 1.0)
     assert costs.rest(4, 3) == 1.0 and costs.rest(4, 1) < 1.0
     costs.add(2, 0, 0.0, 5.0)  # batch 2's own rounds at two sizes: its own line in S, not the line in T
     costs.add(2, 0, 0.0, 5.0)
-    costs.add(2, 1, step(2), 5.5)
-    costs.add(2, 1, step(2), 5.5)
-    assert costs.rest(2, 3) == pytest.approx(6.0)
+    costs.add(2, 2, 2 * step(2), 6.0)
+    costs.add(2, 2, 2 * step(2), 6.0)
+    assert costs.rest(2, 2) == pytest.approx(5.5) and costs.rest(2, 5) == pytest.approx(6.0)
     assert fit_line({1: (5.0, 3), 2: (4.0, 1)})(7) == pytest.approx(4.75)  # a falling fit: flat at the mean
 
 
