@@ -1184,6 +1184,7 @@ def plot_schedules(results: dict, cfg: dict, curves: dict, args) -> list[str]:
                   if kpath.is_relative_to(args.out.parent) else f"plot: {kpath}",
                   "", f"Mean k: {statistics.mean(curves['code']):.2f} over the code part, "
                   f"{statistics.mean(curves['prose']):.2f} over the prose part."]
+    return lines
 
 
 # ---- side by side: ours eager and compiled, transformers, llama.cpp ---------------------------------------------
