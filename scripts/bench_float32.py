@@ -70,7 +70,7 @@ def main() -> None:
         if name == "bundled":
             model = load_target(ROOT / "tiny_gemma4" / "target")
         else:
-            from bench_prefill import e2b_model
+            from bench_linear import e2b_model
 
             model = e2b_model(torch.float32)
         for tokens, what in ((1, "decode step"), (5, "verify pass, 5 tokens")):

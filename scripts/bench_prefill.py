@@ -30,21 +30,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 import gemma4.model  # noqa: E402
-from gemma4 import Gemma4Config, Gemma4Model  # noqa: E402
+from bench_linear import e2b_model  # noqa: E402  (E2B's geometry, 5 layers, random weights)
 from weights import load_target  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def e2b_model(dtype: torch.dtype) -> Gemma4Model:
-    from benchmark import e2b_config  # the benchmark's E2B-shaped config.json
-
-    model = Gemma4Model(Gemma4Config.from_dict(e2b_config(5, 0)))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
-    return model.to(dtype).eval()
 
 
 @torch.inference_mode()

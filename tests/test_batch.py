@@ -163,21 +163,18 @@ def test_bad_batches_are_refused_naming_the_problem(pair):
 
 
 # ---- the per-row state after every round ------------------------------------------------------------------------
-class RowCheckingDrafter:
+class ScriptedBatchDrafter:
     """A batched stub drafter. Row b proposes its greedy continuation `sequences[b]` where `agree(b, round, step)`
-    says so and a wrong token otherwise. At the start of every round it recomputes each row on its own, without a
-    batch, and checks what the loop hands it: the row's last token, the target's hidden state before it and the
-    K/V of exactly the row's accepted positions (a rejected draft or another row's data fails it)."""
+    says so and a wrong token otherwise. Which cache row is which prompt follows from the rows' budgets (`on_round`
+    counts what each has emitted; finished rows leave the batch unless `finished == "keep"`)."""
 
     sliding_history = 9
     generation_config: dict = {}
 
-    def __init__(self, target, sequences, agree, budget: int, finished: str):
-        self.target, self.sequences, self.agree = target, sequences, agree
-        self.budget, self.finished = budget, finished
+    def __init__(self, sequences, agree, budget: int, finished: str = "drop"):
+        self.sequences, self.agree, self.budget, self.finished = sequences, agree, budget, finished
         self.emitted = [0] * len(sequences)
         self.rounds = [-1] * len(sequences)
-        self.checked = 0
         self._hidden = None
 
     def on_round(self, index, info):
@@ -187,23 +184,39 @@ class RowCheckingDrafter:
         return None
 
     def step(self, target, token, hidden, position, views, context=None):
-        B = token.shape[0]
-        if hidden is not self._hidden:  # a new round: which cache row is which prompt, then check every row
+        B, V = token.shape[0], target.config.vocab_size
+        if hidden is not self._hidden:  # a new round: which cache row is which prompt
             self.rows = [b for b in range(len(self.sequences))
                          if self.finished == "keep" or self.emitted[b] < self.budget]
             assert len(self.rows) == B
             self.j = 0
             for i, b in enumerate(self.rows):
                 self.rounds[b] += 1
-                self._check_row(i, b, int(token[i]), hidden[i], int(position[i]), views)
+                self.new_round(i, b, token, hidden, position, views)
         self.j += 1
-        logits = torch.zeros(B, 1, target.config.vocab_size)
+        logits = torch.zeros(B, 1, V)
         for i, b in enumerate(self.rows):
-            right = self.sequences[b][int(position[i]) + self.j]
-            d = right if self.agree(b, self.rounds[b], self.j) else (right + 1) % target.config.vocab_size
-            logits[i, 0, d] = 10.0
+            at = int(position[i]) + self.j
+            right = self.sequences[b][at] if at < len(self.sequences[b]) else 0
+            logits[i, 0, right if self.agree(b, self.rounds[b], self.j) else (right + 1) % V] = 10.0
         self._hidden = torch.zeros(B, 1, target.config.hidden_size)
         return SimpleNamespace(logits=logits, hidden=self._hidden)
+
+    def new_round(self, i, b, token, hidden, position, views):
+        """Called for cache row i (prompt b) at the start of every round."""
+
+
+class RowCheckingDrafter(ScriptedBatchDrafter):
+    """`ScriptedBatchDrafter` that, at the start of every round, recomputes each row on its own, without a batch,
+    and checks what the loop hands it: the row's last token, the target's hidden state before it and the K/V of
+    exactly the row's accepted positions (a rejected draft or another row's data fails it)."""
+
+    def __init__(self, target, sequences, agree, budget: int, finished: str):
+        super().__init__(sequences, agree, budget, finished)
+        self.target, self.checked = target, 0
+
+    def new_round(self, i, b, token, hidden, position, views):
+        self._check_row(i, b, int(token[i]), hidden[i], int(position[i]), views)
 
     def _check_row(self, i, b, token, hidden, position, views):
         seq = self.sequences[b]
@@ -339,41 +352,6 @@ def test_a_capped_row_is_rejection_sampling_over_its_own_drafts():
 
 
 # ---- near max_position_embeddings -------------------------------------------------------------------------------
-class ScriptedDrafter:
-    """A batched stub drafter: row b proposes its greedy continuation `sequences[b]` (always accepted) when
-    `agree[b]`, else a wrong token (always rejected). Which cache row is which prompt follows from the rows' budgets
-    (`on_round` counts what each has emitted; finished rows leave the batch unless `finished == "keep"`)."""
-
-    sliding_history = 9
-    generation_config: dict = {}
-
-    def __init__(self, sequences, agree, budget: int, finished: str = "drop"):
-        self.sequences, self.agree, self.budget, self.finished = sequences, agree, budget, finished
-        self.emitted = [0] * len(sequences)
-        self._hidden = None
-
-    def on_round(self, index, info):
-        self.emitted[index] += len(info.emitted)
-
-    def context(self, position, views):
-        return None
-
-    def step(self, target, token, hidden, position, views, context=None):
-        B, V = token.shape[0], target.config.vocab_size
-        if hidden is not self._hidden:  # a new round
-            self.rows = [b for b in range(len(self.sequences))
-                         if self.finished == "keep" or self.emitted[b] < self.budget]
-            self.j = 0
-        self.j += 1
-        logits = torch.zeros(B, 1, V)
-        for i, b in enumerate(self.rows):
-            at = int(position[i]) + self.j
-            right = self.sequences[b][at] if at < len(self.sequences[b]) else 0
-            logits[i, 0, right if self.agree[b] else (right + 1) % V] = 10.0
-        self._hidden = torch.zeros(B, 1, target.config.hidden_size)
-        return SimpleNamespace(logits=logits, hidden=self._hidden)
-
-
 @pytest.fixture(scope="module")
 def short_target(tmp_path_factory):
     """The e2b family with max_position_embeddings = 64."""
@@ -391,9 +369,10 @@ def test_a_row_near_the_position_limit_does_not_shorten_the_others_drafts(finish
     batch = prompts((40, 5), seed=5)
     sequences = [p + generate(target, None, p, max_new_tokens=budget, stop_token_ids=[]).tokens for p in batch]
     agree = [True, False]
-    alone = [generate(target, ScriptedDrafter([s], [a], budget), p, max_new_tokens=budget, num_draft_tokens=k,
-                      schedule="constant", stop_token_ids=[]) for s, a, p in zip(sequences, agree, batch)]
-    stub = ScriptedDrafter(sequences, agree, budget, finished)
+    alone = [generate(target, ScriptedBatchDrafter([s], lambda *_, a=a: a, budget), p, max_new_tokens=budget,
+                      num_draft_tokens=k, schedule="constant", stop_token_ids=[])
+             for s, a, p in zip(sequences, agree, batch)]
+    stub = ScriptedBatchDrafter(sequences, lambda b, *_: agree[b], budget, finished)
     rows = generate_batch(target, stub, batch, max_new_tokens=budget, num_draft_tokens=k, schedule="constant",
                           stop_token_ids=[], finished=finished, on_round=stub.on_round)
     for b, (row, single) in enumerate(zip(rows, alone)):
