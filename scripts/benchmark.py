@@ -1037,7 +1037,7 @@ def section_schedules(args, q: dict) -> list[str]:
             for k, label, v in r["results"]:
                 values.setdefault((tuple(k), label), []).append(v)
         results = {key: statistics.median(v) for key, v in values.items()}
-        cfg["runs"] = max(len(v) for v in values.values())
+        cfg["processes"] = max(len(v) for v in values.values())
         curves = next((r["curves"] for r in runs if r["curves"]), {})
         return render_schedules(results, cfg, [x for r in runs for x in r["load"]], curves, args)
     cfg = dict(q["schedules"])
@@ -1065,15 +1065,19 @@ def section_schedules(args, q: dict) -> list[str]:
             for b in batches:
                 cell = (dtype_name, scenario, b)
                 print(f"[benchmark] schedules {cell}", file=sys.stderr, flush=True)
-                want = None
-                for label, drafts, options in modes:  # one run of each schedule, back to back
-                    out = generate_batch(target, d if drafts else None, prompts[:b], max_new_tokens=new,
-                                         stop_token_ids=[], **options)
-                    want = want or [r.tokens for r in out]
-                    assert [r.tokens for r in out] == want, f"{cell} {label}: outputs differ from target-only"
-                    results[cell, label] = decode_rate(out)
-                    if label == "auto":
-                        results[cell, "auto k"] = statistics.mean(k for r in out for k in r.stats.draft_lengths)
+                want, rates, ks = None, {}, []
+                for run in range(cfg["runs"]):  # interleaved: every schedule once per run, the order rotated
+                    for label, drafts, options in modes[run % len(modes):] + modes[:run % len(modes)]:
+                        out = generate_batch(target, d if drafts else None, prompts[:b], max_new_tokens=new,
+                                             stop_token_ids=[], **options)
+                        want = want or [r.tokens for r in out]
+                        assert [r.tokens for r in out] == want, f"{cell} {label}: outputs differ from the others"
+                        rates.setdefault(label, []).append(decode_rate(out))
+                        if label == "auto":
+                            ks += [k for r in out for k in r.stats.draft_lengths]
+                for label, values in rates.items():
+                    results[cell, label] = statistics.median(values)
+                results[cell, "auto k"] = statistics.mean(ks)
         if dtype_name == "float32":
             curves = schedule_curve(target, drafter, code[0], prose, cfg["curve"])
     load.append(os.getloadavg()[0])
@@ -1087,13 +1091,16 @@ def render_schedules(results: dict, cfg: dict, load: list[float], curves: dict, 
     """The section's text and plots from measured cells (one run, or several runs' JSON merged)."""
     batches, ns, new = cfg["batches"], cfg["ns"], cfg["new"]
     runs = "One run" if cfg.get("runs", 1) == 1 else f"The median of {cfg['runs']} runs"
+    if cfg.get("processes", 1) > 1:
+        runs += f" in each of {cfg['processes']} processes, then the median over the processes,"
     lines = [f"The bundled pair; {max(batches)} held-out code prompts (the drafter's domain) and {max(batches)} "
              f"English prose paragraphs (pydoc's topics) of {cfg['prompt']} tokens; the costly drafter is the "
              "bundled one computing each step 8 times (same drafts, about the cost of a target decode step). Each "
              f"cell runs the first B prompts as one batch, greedy, {new} new tokens per row, "
-             f"{torch.get_num_threads()} threads; decode tokens/s = all rows' decode tokens / the batch's decode "
-             f"seconds (prefill excluded). {runs} per schedule, the schedules back to back within each cell; every "
-             "output equals target-only (checked). `auto` runs as a first use in a process would after a warm-up "
+             f"{torch.get_num_threads()} thread(s); decode tokens/s = all rows' decode tokens / the batch's decode "
+             f"seconds (prefill excluded). {runs} per schedule, interleaved within each cell (a run runs every "
+             "schedule once, the order rotated by one schedule per run, so that a drift in the machine's speed "
+             "spreads over all schedules); every output equals target-only (checked). `auto` runs as a first use in a process would after a warm-up "
              "generation per drafter: it measured its costs in this process, and each generation starts from the "
              "pair's recent acceptance. Load average (1 min) at the start and end of each run: "
              f"{', '.join(f'{x:.1f}' for x in load)} (a shared 2-core "
@@ -1416,14 +1423,14 @@ def settings(quick: bool) -> dict:
                     prompt_tokens=48, new_tokens=24, repeats=1, tradeoff_ns=[1, 2, 4], cost_reps=5,
                     memory_layers=(5, 0), e2b=dict(prompt=16, decode=3, reps=1, context=16, ns=[0, 4], verify_reps=2),
                     batch_short=16, batch_long=48, batch_new=12,
-                schedules=dict(batches=(1, 2), dtypes=("float32",), prompt=16, new=8, ns=(1, 4), curve=8), peer_prompts=1, peer_tokens=16)
+                schedules=dict(batches=(1, 2), dtypes=("float32",), prompt=16, new=8, ns=(1, 4), curve=8, runs=2), peer_prompts=1, peer_tokens=16)
     return dict(prompt=512, decode=32, reps=3, context=300, ns=list(range(9)), verify_reps=7, prompts=5,
                 prompt_tokens=120, new_tokens=128, repeats=3, tradeoff_ns=list(range(1, 9)), cost_reps=30,
                 memory_layers=(35, 20),
                 e2b=dict(prompt=64, decode=8, reps=1, context=64, ns=[0, 4], verify_reps=5),
                 batch_short=40, batch_long=160, batch_new=96,
-                schedules=dict(batches=(1, 4, 8, 16), dtypes=("float32", "bfloat16"), prompt=32, new=32,
-                               ns=tuple(range(1, 9)), curve=96), peer_prompts=3, peer_tokens=64)
+                schedules=dict(batches=(1, 4, 8, 16), dtypes=("float32", "bfloat16"), prompt=32, new=64,
+                               ns=tuple(range(1, 9)), curve=96, runs=3), peer_prompts=3, peer_tokens=64)
 
 
 def machine() -> list[str]:

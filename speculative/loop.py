@@ -43,7 +43,7 @@ from . import sampling
 from .compiled import compiled_steps, mark_static
 from .options import check_drafter, check_options, first_num_draft_tokens, prompt_ids, stop_tokens
 from .sampling import Sampler, accept_greedy, accept_sampled
-from .schedule import (DEFAULT_SCHEDULE, MAX_DRAFT_TOKENS, AutoPlanner, RowAcceptance, max_num_draft_tokens,
+from .schedule import (DEFAULT_SCHEDULE, MAX_DRAFT_TOKENS, Acceptance, AutoPlanner, max_num_draft_tokens,
                        measured_costs, next_num_draft_tokens)
 from .stats import GenerationResult, GenerationStats, RoundInfo, Stopwatch
 
@@ -140,7 +140,7 @@ class _Row:
     index: int  # its place in the caller's list
     prompt_len: int
     k: int  # the draft length its schedule asks for next (constant, heuristic)
-    acceptance: RowAcceptance | None = None  # its acceptance estimates (auto)
+    acceptance: Acceptance | None = None  # its acceptance estimates (auto)
     out: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
     done: bool = False

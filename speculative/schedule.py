@@ -98,17 +98,22 @@ class MeasuredCosts:
         self._rest_by_batch: dict[tuple[int, int], deque] = {}  # (B, k + 1) -> seconds of the rest
         self._tables: tuple[dict, dict] | None = None
         self._lines: dict[int, object] = {}  # B -> its rest as a function of k + 1, while no round is added
-        self.hits, self.trials = 0.0, 0.0  # acceptance pooled over the pair's latest rounds, every generation
+        self.acceptance = Acceptance(MAX_DRAFT_TOKENS)  # pooled over the pair's latest rounds, every generation
 
-    def observe(self, hits: float, trials: float) -> None:
-        """A round's accepted drafts and trials, all rows together (faded as a row's counts are)."""
-        self.hits, self.trials = self.hits * DECAY + hits, self.trials * DECAY + trials
+    def observe(self, round_: "Acceptance") -> None:
+        """A round's counts per draft position, all rows together (faded as a row's counts are)."""
+        self.acceptance.fade()
+        self.acceptance.add(round_)
 
-    def prior(self) -> tuple[float, float]:
-        """(hits, trials) a new generation starts its batch's pool from: the pair's recent pooled acceptance,
-        scaled down to CARRIED_TRIALS trials (a hint that the generation's own rounds soon outweigh)."""
-        scale = min(1.0, CARRIED_TRIALS / self.trials) if self.trials else 0.0
-        return self.hits * scale, self.trials * scale
+    def prior(self, k_max: int) -> "Acceptance":
+        """The counts a new generation starts its batch's pool from: the pair's recent acceptance per position,
+        each position scaled down to at most CARRIED_TRIALS trials (a hint that the generation's own rounds soon
+        outweigh)."""
+        carried = Acceptance(k_max)
+        for j, (hit, trial) in enumerate(zip(self.acceptance.hits[:k_max], self.acceptance.trials[:k_max])):
+            scale = min(1.0, CARRIED_TRIALS / trial) if trial else 0.0
+            carried.hits[j], carried.trials[j] = hit * scale, trial * scale
+        return carried
 
     def add(self, batch: int, k: int, draft_seconds: float, rest_seconds: float) -> None:
         """One round of `batch` rows that drafted k tokens each."""
@@ -192,11 +197,11 @@ class FixedCosts:
     def add(self, batch: int, k: int, draft_seconds: float, rest_seconds: float) -> None:
         pass
 
-    def observe(self, hits: float, trials: float) -> None:
+    def observe(self, round_: "Acceptance") -> None:
         pass
 
-    def prior(self) -> tuple[float, float]:
-        return 0.0, 0.0
+    def prior(self, k_max: int) -> "Acceptance":
+        return Acceptance(k_max)
 
     def calibration(self, batch: int, k_max: int) -> None:
         return None
@@ -256,31 +261,52 @@ class RoundClock:
 
 
 # ---- acceptance ---------------------------------------------------------------------------------------------------
-class RowAcceptance:
-    """One row's decayed acceptance counts per draft position 1..K (see the module docstring)."""
+class Acceptance:
+    """Decayed acceptance counts per draft position 1..K: one row's, or pooled over rows (see the module
+    docstring)."""
 
     def __init__(self, k_max: int):
         self.hits, self.trials = [0.0] * k_max, [0.0] * k_max  # index j - 1 for position j
 
-    def update(self, drafted: int, accepted: int) -> None:
-        """A round that let this row accept up to `drafted` drafts and accepted `accepted`."""
-        if drafted == 0:
-            return
-        for j in range(len(self.hits)):  # every position fades, tried or not: an old verdict is re-examined
-            self.hits[j] *= DECAY
-            self.trials[j] *= DECAY
+    def fade(self) -> None:
+        """Every position fades, tried or not: an old verdict is re-examined."""
+        self.hits = [h * DECAY for h in self.hits]
+        self.trials = [t * DECAY for t in self.trials]
+
+    def count(self, drafted: int, accepted: int) -> None:
+        """A row's round that let it accept up to `drafted` drafts and accepted `accepted`: position j is a trial
+        when drafts 1..j-1 were accepted, a hit when j was too."""
         for j in range(min(accepted + 1, drafted)):
             self.trials[j] += 1.0
             self.hits[j] += j < accepted
 
-    def expected_tokens(self, prior: float) -> list[float]:
-        """[E(0), ..., E(K)]: expected tokens of a round with k drafts, 1 + sum_{i<=k} prod_{j<=i} alpha_j."""
-        rate = (sum(self.hits) + PRIOR_WEIGHT * prior) / (sum(self.trials) + PRIOR_WEIGHT)
-        out, product = [1.0], 1.0
-        for hit, trial in zip(self.hits, self.trials):
-            product *= (hit + PRIOR_WEIGHT * rate) / (trial + PRIOR_WEIGHT)
-            out.append(out[-1] + product)
-        return out
+    def add(self, other: "Acceptance") -> None:
+        for j in range(min(len(self.hits), len(other.hits))):
+            self.hits[j] += other.hits[j]
+            self.trials[j] += other.trials[j]
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """A row's round (a round that drafted nothing for it brings no evidence and fades nothing)."""
+        if drafted:
+            self.fade()
+            self.count(drafted, accepted)
+
+    def rates(self, prior: list[float]) -> list[float]:
+        """alpha_j per position: the counts shrunk towards prior[j] (PRIOR_WEIGHT pseudo-trials)."""
+        return [(h + PRIOR_WEIGHT * p) / (t + PRIOR_WEIGHT) for h, t, p in zip(self.hits, self.trials, prior)]
+
+    def pooled_rate(self) -> float:
+        """All positions together, shrunk to 1/2 (one pseudo-hit in two trials)."""
+        return (sum(self.hits) + 1.0) / (sum(self.trials) + 2.0)
+
+
+def expected_tokens(alphas: list[float]) -> list[float]:
+    """[E(0), ..., E(K)]: expected tokens of a round with k drafts, 1 + sum_{i<=k} prod_{j<=i} alpha_j."""
+    out, product = [1.0], 1.0
+    for alpha in alphas:
+        product *= alpha
+        out.append(out[-1] + product)
+    return out
 
 
 @dataclass
@@ -313,14 +339,14 @@ class AutoPlanner:
 
     def __init__(self, k_max: int, costs, device: torch.device):
         self.k_max, self.costs, self.clock = k_max, costs, RoundClock(device)
-        self.hits, self.trials = costs.prior()  # the batch's pooled, decayed counts
-        self._round = [0.0, 0.0]  # this round's hits and trials, all rows
+        self.pool = costs.prior(k_max)  # the batch's counts per position, all rows pooled
+        self._round = Acceptance(k_max)  # this round's counts, all rows
         self.idle, self.wait = 0, PROBE_AFTER  # rounds with k = 0 since the last draft; rounds before a probe
 
-    def new_row(self) -> RowAcceptance:
-        return RowAcceptance(self.k_max)
+    def new_row(self) -> Acceptance:
+        return Acceptance(self.k_max)
 
-    def plan(self, rows: list[RowAcceptance | None], rooms: list[int]) -> Plan:
+    def plan(self, rows: list[Acceptance | None], rooms: list[int]) -> Plan:
         """The round's k for `rows` (None: a frozen row, which runs without generating), row b allowed `rooms[b]`
         drafts by its budget."""
         self.clock.start()
@@ -330,10 +356,10 @@ class AutoPlanner:
         calibration = self.costs.calibration(batch, self.k_max)
         if calibration is not None:
             return Plan(min(k_max, calibration), [None] * batch)
-        prior = (self.hits + 1.0) / (self.trials + 2.0)
+        pooled = self.pool.rates([self.pool.pooled_rate()] * self.k_max)  # the batch's alpha_j
         expected = []
         for row, room in live:
-            e = row.expected_tokens(prior)[: min(room, k_max) + 1]
+            e = expected_tokens(row.rates(pooled))[: min(room, k_max) + 1]
             expected.append(e + [e[-1]] * (k_max + 1 - len(e)))  # no drafts past the row's budget
         step = self.costs.drafter_step(batch)
         k, _, seconds = best_draft_length(expected, step, self.costs.rest, frozen)
@@ -350,17 +376,16 @@ class AutoPlanner:
             i += row is not None
         return Plan(k, rates)
 
-    def record(self, row: RowAcceptance, drafted: int, accepted: int) -> None:
+    def record(self, row: Acceptance, drafted: int, accepted: int) -> None:
         """A generating row's round: it could accept up to `drafted` drafts and accepted `accepted`."""
         row.update(drafted, accepted)
-        self._round[0] += accepted
-        self._round[1] += min(accepted + 1, drafted)
+        self._round.count(drafted, accepted)
 
     def finish(self, batch: int, k: int) -> None:
         """After the round's host sync (and its bookkeeping): the round's costs, and the pooled counts fade."""
         self.costs.add(batch, k, *self.clock.stop())
         if k:
-            hits, trials = self._round
-            self.hits, self.trials = self.hits * DECAY + hits, self.trials * DECAY + trials
-            self.costs.observe(hits, trials)
-        self._round = [0.0, 0.0]
+            self.pool.fade()
+            self.pool.add(self._round)
+            self.costs.observe(self._round)
+        self._round = Acceptance(self.k_max)

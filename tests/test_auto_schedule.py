@@ -11,12 +11,15 @@ output law under sampling with a chi-square test (tests/test_sampling_lossless.p
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from speculative import generate
-from speculative.schedule import (CARRIED_TRIALS, DECAY, PROBE_AFTER, PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT,
-                                  AutoPlanner, FixedCosts, MeasuredCosts, best_draft_length, fit_line)
+from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_DRAFT_TOKENS, PRIOR_WEIGHT, PROBE_AFTER, PROBE_MAX,
+                                  PROBE_SHARE, SAMPLES_KEPT, Acceptance, AutoPlanner, FixedCosts, MeasuredCosts,
+                                  best_draft_length, fit_line)
 from tests.test_sampling_lossless import (GOOD_P, TableDrafter, chi_square_p_value, exact_joint_t2_t3,
                                           sample_t2_t3)
 from tests.test_sampling_lossless import target as target  # noqa: F401 (the fixture)
@@ -82,17 +85,69 @@ def test_measured_costs_drop_each_shapes_first_round_and_fit_a_line():
 
 
 def test_a_generation_starts_from_the_pairs_recent_acceptance():
-    """MeasuredCosts pools acceptance across generations; a new planner starts its batch's pool from it, scaled to
-    CARRIED_TRIALS trials (with FixedCosts: nothing, the prior 1/2)."""
+    """MeasuredCosts pools acceptance per position across generations; a new planner starts its batch's pool from
+    it, each position scaled to at most CARRIED_TRIALS trials (with FixedCosts: nothing, the prior 1/2)."""
     costs = MeasuredCosts()
-    assert AutoPlanner(4, costs, torch.device("cpu")).hits == 0.0
-    costs.observe(9, 10)
-    costs.observe(8, 10)
-    hits, trials = 9 * DECAY + 8, 10 * DECAY + 10
-    planner = AutoPlanner(4, costs, torch.device("cpu"))
-    assert planner.trials == pytest.approx(CARRIED_TRIALS)
-    assert planner.hits / planner.trials == pytest.approx(hits / trials)
-    assert AutoPlanner(4, FixedCosts(1.0, lambda T: 1.0), torch.device("cpu")).trials == 0.0
+    assert AutoPlanner(4, costs, torch.device("cpu")).pool.trials == [0.0] * 4
+    for drafted, accepted in ((3, 3), (3, 1)):  # (one row each round)
+        round_ = Acceptance(MAX_DRAFT_TOKENS)
+        round_.count(drafted, accepted)
+        costs.observe(round_)
+    # position 1: hit, hit; position 2: hit, miss; position 3: hit, untried (faded once in between)
+    hits, trials = [DECAY + 1, DECAY, DECAY, 0], [DECAY + 1, DECAY + 1, DECAY, 0]
+    pool = AutoPlanner(4, costs, torch.device("cpu")).pool
+    for j in range(4):
+        scale = min(1.0, CARRIED_TRIALS / trials[j]) if trials[j] else 0.0
+        assert pool.hits[j] == pytest.approx(hits[j] * scale) and pool.trials[j] == pytest.approx(trials[j] * scale)
+    assert AutoPlanner(4, FixedCosts(1.0, lambda T: 1.0), torch.device("cpu")).pool.trials == [0.0] * 4
+
+
+def test_each_rows_estimate_borrows_the_batchs_rate_at_the_same_position():
+    """Brute force of the estimates: the batch's alpha_j = (H_j + W r) / (T_j + W), r its rate over all positions
+    shrunk to 1/2; row b's alpha_{b,j} = (h_{b,j} + W alpha_j) / (t_{b,j} + W), W = PRIOR_WEIGHT. A row that has
+    not drafted yet (row 2) takes the batch's estimates from the first round on."""
+    K, W = 4, PRIOR_WEIGHT
+    planner = AutoPlanner(K, FixedCosts(0.1, lambda T: 1.0 + 0.01 * T), torch.device("cpu"))
+    rows = [planner.new_row() for _ in range(3)]
+    outcomes = [[(4, 4), (4, 1)], [(4, 2), (4, 4)], [(0, 0), (0, 0)]]  # (drafted, accepted) per round
+    for r in range(2):
+        planner.plan(rows, [10] * 3)
+        planner.clock.drafted()
+        for row, rounds in zip(rows, outcomes):
+            planner.record(row, *rounds[r])
+        planner.finish(3, 4)
+    plan = planner.plan(rows, [10] * 3)
+
+    def counts(rounds):  # decayed (hits, trials) per position, brute force over the rounds
+        h, t = [0.0] * K, [0.0] * K
+        for drafted, accepted in rounds:
+            if drafted:
+                h, t = [x * DECAY for x in h], [x * DECAY for x in t]
+                for j in range(K):
+                    reached = j < drafted and j <= accepted
+                    t[j] += reached
+                    h[j] += reached and j < accepted
+        return h, t
+
+    H = [0.0] * K
+    T = [0.0] * K
+    for r in range(2):  # the pool fades once per round and adds every row's round
+        H, T = [x * DECAY for x in H], [x * DECAY for x in T]
+        for rounds in outcomes:
+            h, t = counts([rounds[r]])
+            H, T = [a + b for a, b in zip(H, h)], [a + b for a, b in zip(T, t)]
+    rate = (sum(H) + 1) / (sum(T) + 2)
+    batch = [(H[j] + W * rate) / (T[j] + W) for j in range(K)]
+    E = []
+    for rounds in outcomes:
+        h, t = counts(rounds)
+        alphas = [(h[j] + W * batch[j]) / (t[j] + W) for j in range(K)]
+        E.append([1 + sum(math.prod(alphas[: i + 1]) for i in range(k)) for k in range(K + 1)])
+    seconds = [k * 0.1 + 1.0 + 0.01 * 3 * (k + 1) for k in range(K + 1)]
+    best = max(range(K + 1), key=lambda k: (sum(e[k] for e in E) / seconds[k], -k))
+    assert plan.k == best
+    assert plan.rates == pytest.approx([e[best] / seconds[best] for e in E])
+    assert E[2] == pytest.approx([1 + sum(math.prod(batch[: i + 1]) for i in range(k)) for k in range(K + 1)])
 
 
 def test_auto_drafts_the_largest_k_when_the_drafter_is_cheap_and_drafts_are_accepted():
