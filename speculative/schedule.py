@@ -158,7 +158,7 @@ class MeasuredCosts:
 
     def rest(self, batch: int, size: int) -> float:
         """The rest of a round of `batch` rows verifying `size` = k + 1 tokens each: this batch size's own median
-        or line in k when it has rounds at two sizes, else the line of all batch sizes in T = batch x size."""
+        or line in k when it has rounds at two sizes, else an estimate across batch sizes (`_across_batches`)."""
         if batch not in self._lines:
             own = {n: s for (b, n), s in self._rest_by_batch.items() if b == batch}
             if len(own) < 2:
@@ -169,9 +169,26 @@ class MeasuredCosts:
                 self._lines[batch] = (medians, {n: len(s) for n, s in own.items()}, line)
         entry = self._lines[batch]
         if entry is None:
-            return self._estimate(self._rest, 1, batch * size)
+            return self._across_batches(batch, size)
         medians, counts, line = entry
         return medians[size] if counts.get(size, 0) >= SAMPLES_KEPT // 2 else line(min(size, max(counts)))
+
+    def _across_batches(self, batch: int, size: int) -> float:
+        """A batch size measured at fewer than two lengths: its own median once it has SAMPLES_KEPT / 2 rounds,
+        else the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median (weighted by rounds; flat
+        beyond the longest pass measured), which keeps the cost of a row (its cache, its bookkeeping) apart from
+        that of a token row; while fewer than two batch sizes are measured, or the plane's fit makes either slope
+        negative, the line in T = B (k + 1)."""
+        own = self._rest_by_batch.get((batch, size), ())
+        if len(own) >= SAMPLES_KEPT // 2:
+            return statistics.median(own)
+        if None not in self._lines:
+            self._lines[None] = fit_plane({key: (statistics.median(s), len(s))
+                                           for key, s in self._rest_by_batch.items()})
+        plane = self._lines[None]
+        if plane is None:
+            return self._estimate(self._rest, 1, batch * size)
+        return plane(batch, min(size, max(n for _, n in self._rest_by_batch)))
 
     def _estimate(self, samples: dict, which: int, x: int) -> float:
         """The median at x once x has SAMPLES_KEPT / 2 rounds, else the least-squares line through every count's
@@ -222,6 +239,24 @@ def fit_line(points: dict[int, tuple[float, int]]):
     sxx = sum(n * (x - mx) ** 2 for x, (_, n) in points.items())
     slope = max(0.0, sum(n * (x - mx) * (y - my) for x, (y, n) in points.items()) / sxx) if sxx > 0 else 0.0
     return lambda x: max(1e-9, my + slope * (x - mx))
+
+
+def fit_plane(points: dict[tuple[int, int], tuple[float, int]]):
+    """(B, S) -> a + b B + c B S, the weighted least-squares plane through {(B, S): (y, weight)}, or None when the
+    points do not determine it (fewer than two batch sizes, or lengths that do not vary apart from B) or the fit
+    has b < 0 or c < 0 (costs do not fall with more rows)."""
+    xy = [(b, b * n) for b, n in points]  # (B, T): the plane is determined iff these are not on one line
+    if not any((q[0] - xy[0][0]) * (r[1] - xy[0][1]) != (q[1] - xy[0][1]) * (r[0] - xy[0][0])
+               for q in xy for r in xy) or len({b for b, _ in points}) < 2:
+        return None
+    rows = [((1.0, float(b), float(t)), y, w) for (b, t), (y, w) in zip(xy, points.values())]
+    normal = torch.tensor([[sum(w * x[i] * x[j] for x, _, w in rows) for j in range(3)] for i in range(3)],
+                          dtype=torch.float64)
+    rhs = torch.tensor([sum(w * x[i] * y for x, y, w in rows) for i in range(3)], dtype=torch.float64)
+    a, b, c = torch.linalg.solve(normal, rhs).tolist()
+    if b < 0 or c < 0:
+        return None
+    return lambda batch, size: max(1e-9, a + b * batch + c * batch * size)
 
 
 def measured_costs(target, drafter, compiled: bool) -> MeasuredCosts:

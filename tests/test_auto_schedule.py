@@ -19,7 +19,7 @@ import torch
 from speculative import generate
 from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_DRAFT_TOKENS, PRIOR_WEIGHT, PROBE_AFTER, PROBE_MAX,
                                   PROBE_SHARE, SAMPLES_KEPT, Acceptance, AutoPlanner, FixedCosts, MeasuredCosts,
-                                  best_draft_length, fit_line)
+                                  best_draft_length, fit_line, fit_plane)
 from tests.test_sampling_lossless import (GOOD_P, TableDrafter, chi_square_p_value, exact_joint_t2_t3,
                                           sample_t2_t3)
 from tests.test_sampling_lossless import target as target  # noqa: F401 (the fixture)
@@ -82,6 +82,22 @@ def test_measured_costs_drop_each_shapes_first_round_and_fit_a_line():
     costs.add(2, 2, 2 * step(2), 6.0)
     assert costs.rest(2, 2) == pytest.approx(5.5) and costs.rest(2, 5) == pytest.approx(6.0)
     assert fit_line({1: (5.0, 3), 2: (4.0, 1)})(7) == pytest.approx(4.75)  # a falling fit: flat at the mean
+
+
+def test_a_batch_size_without_its_own_line_takes_the_plane_through_all_batch_sizes():
+    """Exact costs a + b B + c B (k + 1) measured at (B, k + 1) = (1, 1), (1, 9), (16, 9): the plane reproduces
+    them at any batch size (flat beyond the longest pass measured), where the line in T alone cannot (it has no
+    cost per row). A fit with a negative slope falls back to the line in T."""
+    y = (lambda B, S: 0.02 + 0.004 * B + 0.001 * B * S)
+    costs = MeasuredCosts()
+    for B, S in ((1, 1), (1, 9), (16, 9)):
+        for _ in range(3):  # the first is dropped
+            costs.add(B, S - 1, 0.001 * (S - 1), y(B, S))
+    for B, S in ((8, 3), (16, 1), (4, 9), (2, 5)):
+        assert costs.rest(B, S) == pytest.approx(y(B, S))
+    assert costs.rest(8, 12) == pytest.approx(y(8, 9))
+    assert fit_plane({(1, 1): (1.0, 1), (1, 9): (2.0, 1), (16, 9): (1.5, 1)}) is None  # b < 0
+    assert fit_plane({(1, 1): (1.0, 1), (2, 1): (2.0, 1), (4, 1): (3.0, 1)}) is None  # (B, T) on one line
 
 
 def test_a_generation_starts_from_the_pairs_recent_acceptance():
