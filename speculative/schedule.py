@@ -16,21 +16,23 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   loop runs anyway (`RoundClock`: no extra host sync; on CUDA the drafting phase is timed with events that the
   round's one sync completes). A (B, k + 1) with fewer rounds than half of SAMPLES_KEPT takes the least-squares line
   in k + 1 through that B's medians instead (on a busy machine a few rounds are noisy; the line pools them), and a
-  B measured at fewer than two lengths the line through every round's median by its token rows T = B (k + 1). A
-  drafter step at a batch size never drafted is the nearest measured size's, scaled as the target's decode step
-  scales between them. Beyond the longest pass measured the lines stay flat: an optimistic guess, which the round
+  B measured at fewer than two lengths the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median
+  (a cost per row, such as its cache and bookkeeping, and one per token row; the line in T = B (k + 1) alone while
+  the plane is not determined). A drafter step at a batch size never drafted is the nearest measured size's,
+  scaled as the target's decode step scales between them. Beyond the longest pass measured the lines stay flat: an optimistic guess, which the round
   that tries it measures (a pessimistic one would never be tried, and never corrected). A process's first rounds with a pair measure what is missing: k = K, then k = 0, twice
   each (the first time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead: then
   `auto`'s choices depend on past acceptance alone (deterministic: the tests, and seeded sampling that must repeat
   draw for draw; with measured costs a seed repeats the law, not every draw).
-- **Acceptance** (`RowAcceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
+- **Acceptance** (`Acceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
   per row, from that row's rounds: position j counts one trial whenever drafts 1..j-1 were accepted, a hit when j was
   too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose). Each
-  position's estimate is shrunk towards the row's pooled rate over all positions, and that towards the batch's
-  pooled rate (PRIOR_WEIGHT pseudo-trials each): positions a row has not drafted yet borrow what is known. The
-  batch's pool starts from the pair's recent pooled acceptance in this process (`MeasuredCosts.prior`, worth
-  CARRIED_TRIALS trials: a new generation does not start blind), shrunk to 1/2 (one pseudo-hit in two trials);
-  with `FixedCosts`, from 1/2 alone.
+  row's estimate at position j is shrunk towards the batch's estimate at position j (all rows' counts pooled), and
+  that towards the batch's rate over all positions, itself shrunk to 1/2 (PRIOR_WEIGHT pseudo-trials each; one
+  pseudo-hit in two trials): from the first round a row borrows what the whole batch shows at each position (a
+  batch of 16 rows learns 16 times faster than a row), and its own rounds then move it. The batch's counts start
+  from the pair's recent acceptance per position in this process (`MeasuredCosts.prior`, at most CARRIED_TRIALS
+  trials a position: a new generation does not start blind); with `FixedCosts`, from nothing.
 - **The choice** (`AutoPlanner.plan`): a round with k drafts costs k c_d(B) + c_v(B (k + 1)) whatever each row's
   acceptance, and row b expects E_b(k) = 1 + sum_{i<=k} prod_{j<=i} alpha_{b,j} tokens from it (the bonus token
   included). E_b grows with k, so a row gets every draft the round computes (up to its budget): the batch's k is
