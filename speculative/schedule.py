@@ -27,8 +27,9 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
 - **Acceptance** (`Acceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
   per row, from that row's rounds: position j counts one trial whenever drafts 1..j-1 were accepted, a hit when j was
   too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose). Each
-  row's estimate at position j is shrunk towards the batch's estimate at position j (all rows' counts pooled), and
-  that towards the batch's rate over all positions, itself shrunk to 1/2 (PRIOR_WEIGHT pseudo-trials each; one
+  row's estimate at position j is shrunk towards the batch's estimate at position j (the other rows' counts pooled:
+  a row shrunk towards its own counts would count them twice, and alone in its batch it would trust one round as
+  if it were three), and that towards the batch's rate over all positions, itself shrunk to 1/2 (PRIOR_WEIGHT pseudo-trials each; one
   pseudo-hit in two trials): from the first round a row borrows what the whole batch shows at each position (a
   batch of 16 rows learns 16 times faster than a row), and its own rounds then move it. The batch's counts start
   from the pair's recent acceptance per position in this process (`MeasuredCosts.prior`, at most CARRIED_TRIALS
@@ -338,6 +339,12 @@ class Acceptance:
         """alpha_j per position: the counts shrunk towards prior[j] (PRIOR_WEIGHT pseudo-trials)."""
         return [(h + PRIOR_WEIGHT * p) / (t + PRIOR_WEIGHT) for h, t, p in zip(self.hits, self.trials, prior)]
 
+    def rates_without(self, row: "Acceptance", rate: float) -> list[float]:
+        """alpha_j of these pooled counts less one row's own (a row is not shrunk towards its own evidence: with
+        one row that would count it twice), shrunk towards `rate`."""
+        return [(max(0.0, h - rh) + PRIOR_WEIGHT * rate) / (max(0.0, t - rt) + PRIOR_WEIGHT)
+                for h, t, rh, rt in zip(self.hits, self.trials, row.hits, row.trials)]
+
     def pooled_rate(self) -> float:
         """All positions together, shrunk to 1/2 (one pseudo-hit in two trials)."""
         return (sum(self.hits) + 1.0) / (sum(self.trials) + 2.0)
@@ -396,10 +403,10 @@ class AutoPlanner:
         calibration = self.costs.calibration(batch, self.k_max)
         if calibration is not None:
             return Plan(min(k_max, calibration), [None] * batch)
-        pooled = self.pool.rates([self.pool.pooled_rate()] * self.k_max)  # the batch's alpha_j
+        rate = self.pool.pooled_rate()
         expected = []
         for row, room in live:
-            e = expected_tokens(row.rates(pooled))[: min(room, k_max) + 1]
+            e = expected_tokens(row.rates(self.pool.rates_without(row, rate)))[: min(room, k_max) + 1]
             expected.append(e + [e[-1]] * (k_max + 1 - len(e)))  # no drafts past the row's budget
         step = self.costs.drafter_step(batch)
         k, _, seconds = best_draft_length(expected, step, self.costs.rest, frozen)

@@ -130,9 +130,9 @@ def test_a_generation_starts_from_the_pairs_recent_acceptance():
 
 
 def test_each_rows_estimate_borrows_the_batchs_rate_at_the_same_position():
-    """Brute force of the estimates: the batch's alpha_j = (H_j + W r) / (T_j + W), r its rate over all positions
-    shrunk to 1/2; row b's alpha_{b,j} = (h_{b,j} + W alpha_j) / (t_{b,j} + W), W = PRIOR_WEIGHT. A row that has
-    not drafted yet (row 2) takes the batch's estimates from the first round on."""
+    """Brute force of the estimates: r = the batch's rate over all positions, shrunk to 1/2; the other rows' alpha_j
+    = (H_j - h_{b,j} + W r) / (T_j - t_{b,j} + W); row b's alpha_{b,j} = (h_{b,j} + W alpha_j) / (t_{b,j} + W),
+    W = PRIOR_WEIGHT. A row that has not drafted yet (row 2) takes the batch's estimates from the first round on."""
     K, W = 4, PRIOR_WEIGHT
     planner = AutoPlanner(K, FixedCosts(0.1, lambda T: 1.0 + 0.01 * T), torch.device("cpu"))
     rows = [planner.new_row() for _ in range(3)]
@@ -168,7 +168,8 @@ def test_each_rows_estimate_borrows_the_batchs_rate_at_the_same_position():
     E = []
     for rounds in outcomes:
         h, t = counts(rounds)
-        alphas = [(h[j] + W * batch[j]) / (t[j] + W) for j in range(K)]
+        others = [(H[j] - h[j] + W * rate) / (T[j] - t[j] + W) for j in range(K)]  # the batch less this row
+        alphas = [(h[j] + W * others[j]) / (t[j] + W) for j in range(K)]
         E.append([1 + sum(math.prod(alphas[: i + 1]) for i in range(k)) for k in range(K + 1)])
     seconds = [k * 0.1 + 1.0 + 0.01 * 3 * (k + 1) for k in range(K + 1)]
     rates = [sum(e[k] for e in E) / seconds[k] for k in range(K + 1)]
@@ -221,9 +222,9 @@ def test_auto_settles_on_the_optimum_of_the_acceptance_it_sees():
 
 
 def test_auto_sampling_matches_the_target_distribution(target):  # noqa: F811
-    """k chosen from earlier rounds (round 1 drafts 2 from the prior, round 2 as many as round 1's outcome makes
-    worthwhile): the joint law of (t2, t3) is still the target's."""
-    costs = FixedCosts(0.1, lambda T: 1.0)
+    """k chosen from earlier rounds (round 1 drafts 1 from the prior, where k = 1 and 2 are within NEAR_BEST; round
+    2 none or 2, as round 1's outcome makes worthwhile): the joint law of (t2, t3) is still the target's."""
+    costs = FixedCosts(0.2, lambda T: 1.0)
     exact = exact_joint_t2_t3(target, temperature=1.0)
     counts, accepted = sample_t2_t3(target, TableDrafter(), 600, num_draft_tokens=2, temperature=1.0,
                                     schedule="auto", costs=costs)
