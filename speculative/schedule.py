@@ -19,19 +19,20 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   B measured at fewer than two lengths the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median
   (a cost per row, such as its cache and bookkeeping, and one per token row; the line in T = B (k + 1) alone while
   the plane is not determined). A drafter step at a batch size never drafted is the nearest measured size's,
-  scaled as the target's decode step scales between them. Beyond the longest pass measured the lines stay flat: an optimistic guess, which the round
-  that tries it measures (a pessimistic one would never be tried, and never corrected). A process's first rounds with a pair measure what is missing: k = K, then k = 0, twice
-  each (the first time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead: then
-  `auto`'s choices depend on past acceptance alone (deterministic: the tests, and seeded sampling that must repeat
+  scaled as the target's decode step scales between them. Beyond the longest pass measured the lines stay flat: an
+  optimistic guess, which the round that tries it measures (a pessimistic one would never be tried, and never
+  corrected). A process's first rounds with a pair measure what is missing: k = K, then k = 0, twice each (the
+  first time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead:
+  then `auto`'s choices depend on past acceptance alone (deterministic: the tests, and seeded sampling that must repeat
   draw for draw; with measured costs a seed repeats the law, not every draw).
 - **Acceptance** (`Acceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
   per row, from that row's rounds: position j counts one trial whenever drafts 1..j-1 were accepted, a hit when j was
   too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose). Each
   row's estimate at position j is shrunk towards the batch's estimate at position j (the other rows' counts pooled:
   a row shrunk towards its own counts would count them twice, and alone in its batch it would trust one round as
-  if it were three), and that towards the batch's rate over all positions, itself shrunk to 1/2 (PRIOR_WEIGHT pseudo-trials each; one
-  pseudo-hit in two trials): from the first round a row borrows what the whole batch shows at each position (a
-  batch of 16 rows learns 16 times faster than a row), and its own rounds then move it. The batch's counts start
+  if it were three), and that towards the batch's rate over all positions, itself shrunk to 1/2 (PRIOR_WEIGHT
+  pseudo-trials each; one pseudo-hit in two trials): from the first round a row borrows what the other rows show at
+  each position (16 rows gather 16 rows' evidence a round), and its own rounds then move it. The batch's counts start
   from the pair's recent acceptance per position in this process (`MeasuredCosts.prior`, at most CARRIED_TRIALS
   trials a position: a new generation does not start blind); with `FixedCosts`, from nothing.
 - **The choice** (`AutoPlanner.plan`): a round with k drafts costs k c_d(B) + c_v(B (k + 1)) whatever each row's

@@ -18,8 +18,8 @@ import torch
 
 from speculative import generate
 from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_DRAFT_TOKENS, NEAR_BEST, PRIOR_WEIGHT, PROBE_AFTER,
-                                  PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, Acceptance, AutoPlanner, FixedCosts, MeasuredCosts,
-                                  best_draft_length, fit_line, fit_plane)
+                                  PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, Acceptance, AutoPlanner, FixedCosts,
+                                  MeasuredCosts, best_draft_length, fit_line, fit_plane)
 from tests.test_sampling_lossless import (GOOD_P, TableDrafter, chi_square_p_value, exact_joint_t2_t3,
                                           sample_t2_t3)
 from tests.test_sampling_lossless import target as target  # noqa: F401 (the fixture)
