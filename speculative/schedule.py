@@ -21,9 +21,7 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   the plane is not determined). A drafter step at a batch size never drafted is the nearest measured size's,
   scaled as the target's decode step scales between them. Beyond the longest pass measured the lines stay flat: an
   optimistic guess, which the round that tries it measures (a pessimistic one would never be tried, and never
-  corrected). A verify length that no round has run for MAX_AGE rounds is forgotten: a shared machine's speed
-  drifts, and a median taken while it was slow would keep `auto` from ever running that length again. A process's
-  first rounds with a pair measure what is missing: k = K, then k = 0, twice each (the
+  corrected). A process's first rounds with a pair measure what is missing: k = K, then k = 0, twice each (the
   first time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead:
   then `auto`'s choices depend on past acceptance alone (deterministic: the tests, and seeded sampling that must repeat
   draw for draw; with measured costs a seed repeats the law, not every draw).
@@ -75,7 +73,6 @@ PRIOR_WEIGHT = 2.0  # auto: pseudo-trials of the prior each estimate is shrunk t
 PROBE_AFTER, PROBE_MAX = 8, 64  # auto: rounds of k = 0 before a 1-token probe; the wait doubles up to PROBE_MAX
 PROBE_SHARE = 0.02  # auto: and is long enough that probes take at most this share of the decoding time
 SAMPLES_KEPT = 16  # auto: a cost is the median of this many latest rounds
-MAX_AGE = 64  # auto: a verify length not run in this many rounds of the pair is forgotten (the machine's speed drifts)
 CARRIED_TRIALS = 4.0  # auto: a generation starts from the pair's recent pooled acceptance, worth this many trials
 NEAR_BEST = 0.02  # auto: the smallest k whose expected tokens/s is within this share of the best one's
 
@@ -111,8 +108,6 @@ class MeasuredCosts:
         self._rest_by_batch: dict[tuple[int, int], deque] = {}  # (B, k + 1) -> seconds of the rest
         self._tables: tuple[dict, dict] | None = None
         self._lines: dict[int, object] = {}  # B -> its rest as a function of k + 1, while no round is added
-        self._rounds, self._last = 0, {}  # rounds added; (table, key) -> the round that last added to it
-        self._calibrated = False
         self.acceptance = Acceptance(MAX_DRAFT_TOKENS)  # pooled over the pair's latest rounds, every generation
 
     def observe(self, round_: "Acceptance") -> None:
@@ -136,25 +131,12 @@ class MeasuredCosts:
             self._keep(self._step, ("step", batch), batch, draft_seconds / k)
         self._keep(self._rest, ("rest", batch * (k + 1)), batch * (k + 1), rest_seconds)
         self._keep(self._rest_by_batch, ("rest", batch, k + 1), (batch, k + 1), rest_seconds)
-        self._rounds += 1
-        self._forget()
-
-    def _forget(self) -> None:
-        """Drop the rest's counts that no round has added to in MAX_AGE rounds: their medians were taken at
-        another speed of the machine (a shared machine's speed drifts, twofold in a few minutes), and a length
-        whose old median is too high would never be run again to correct it. What is dropped is then estimated
-        from the lengths run recently (the lines, flat beyond the longest: optimistic, so it is tried)."""
-        for table in (self._rest, self._rest_by_batch):
-            for key in [key for key in table if self._rounds - self._last.get((id(table), key), 0) > MAX_AGE]:
-                del table[key]
-                self._tables, self._lines = None, {}
 
     def _keep(self, table: dict, key, count: int, seconds: float) -> None:
         if key not in self._seen:  # a shape's first run holds one-off costs (allocation, kernel selection)
             self._seen.add(key)
             return
         table.setdefault(count, deque(maxlen=SAMPLES_KEPT)).append(seconds)
-        self._last[id(table), count] = self._rounds
         self._tables, self._lines = None, {}
 
     def tables(self) -> tuple[dict, dict]:
@@ -167,15 +149,12 @@ class MeasuredCosts:
     def calibration(self, batch: int, k_max: int) -> int | None:
         """The k a round must run to measure what is still missing (a drafter step and the longest verify pass,
         then a decode step: the line in k + 1 spans every length it is asked for), or None when every cost can be
-        estimated; once it has been None, always None (forgotten counts are estimated, not measured again)."""
+        estimated."""
         step, rest = self.tables()
-        if self._calibrated:
-            return None
         if not step or len(rest) < 2 and batch * (k_max + 1) not in rest:
             return k_max
         if len(rest) < 2:
             return 0
-        self._calibrated = True
         return None
 
     def drafter_step(self, batch: int) -> float:

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from speculative import generate
-from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_AGE, MAX_DRAFT_TOKENS, NEAR_BEST, PRIOR_WEIGHT,
-                                  PROBE_AFTER, PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, Acceptance, AutoPlanner,
-                                  FixedCosts, MeasuredCosts, best_draft_length, fit_line, fit_plane)
+from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_DRAFT_TOKENS, NEAR_BEST, PRIOR_WEIGHT, PROBE_AFTER,
+                                  PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, Acceptance, AutoPlanner, FixedCosts,
+                                  MeasuredCosts, best_draft_length, fit_line, fit_plane)
 from tests.test_sampling_lossless import (GOOD_P, TableDrafter, chi_square_p_value, exact_joint_t2_t3,
                                           sample_t2_t3)
 from tests.test_sampling_lossless import target as target  # noqa: F401 (the fixture)
@@ -109,24 +109,6 @@ def test_a_batch_size_without_its_own_line_takes_the_plane_through_all_batch_siz
     assert costs.rest(8, 12) == pytest.approx(y(8, 9))
     assert fit_plane({(1, 1): (1.0, 1), (1, 9): (2.0, 1), (16, 9): (1.5, 1)}) is None  # b < 0
     assert fit_plane({(1, 1): (1.0, 1), (2, 1): (2.0, 1), (4, 1): (3.0, 1)}) is None  # (B, T) on one line
-
-
-def test_a_verify_length_not_run_for_max_age_rounds_is_forgotten():
-    """Lengths 1 and 9 measured while the machine was slow (1.0 s), then MAX_AGE rounds of length 3 only at
-    0.1 s: the slow medians are dropped, and lengths 1 and 9 are estimated from what is recent (flat beyond the
-    longest length measured), not from 1.0 s medians that nothing would correct. Calibration does not come back."""
-    costs = MeasuredCosts()
-    for S in (1, 9, 1, 9, 1, 9):
-        costs.add(4, S - 1, 0.01 * (S - 1), 1.0)
-    assert costs.calibration(4, 8) is None
-    assert costs.rest(4, 9) == pytest.approx(1.0)
-    seen = []
-    for _ in range(MAX_AGE):
-        costs.add(4, 2, 0.02, 0.1)
-        seen.append(costs.rest(4, 9))
-    assert all(x > 0.5 for x in seen[1:-3])  # the line through the old medians (and the new one) while they last
-    assert costs.rest(4, 9) == pytest.approx(0.1) and costs.rest(4, 1) == pytest.approx(0.1)
-    assert costs.calibration(4, 8) is None
 
 
 def test_a_generation_starts_from_the_pairs_recent_acceptance():
