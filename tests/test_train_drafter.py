@@ -7,6 +7,7 @@ every round, what speculative.generate hands a (recording) drafter.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -589,6 +590,87 @@ def test_a_training_that_damages_the_drafter_keeps_the_init(prose, tmp_path, cap
     assert init.keys() == saved.keys() and all(torch.equal(init[k].float(), saved[k]) for k in init)
     loop = report["loop_check"]
     assert loop["after"]["acceptance_per_position"] == loop["before"]["acceptance_per_position"]
+
+
+
+def old_evaluation(drafter, target, data: dict, first: torch.Tensor, steps: int, drafter_cost: float) -> float:
+    """The evaluation the held-out one replaced, as an oracle: a round started at every position of the target's
+    long greedy continuations of held-out prompts (`first`: the prompts' last positions), acceptance at draft
+    position j = the share of those rounds that accept >= j drafts, and the best predicted speed-up over
+    N = 1..steps. A small target's long continuations repeat themselves, so most of those rounds draft a repetition."""
+    lengths, valid = training.accepted_lengths(drafter, target, data, steps)  # [R, S-1], column p - 1: position p
+    columns = torch.arange(lengths.shape[1])
+    counted = lengths[(columns[None] >= first[:, None]) & valid[-1]]  # rounds at positions after the prompt
+    acceptance = [float((counted >= j).double().mean()) for j in range(1, steps + 1)]
+    return max(training.predicted_speedups(acceptance, drafter_cost).values())
+
+
+def repetition_tuned(drafter, target, files: list[torch.Tensor], steps: int = 18):
+    """A copy of `drafter` fine-tuned (KL, lr 3e-4) on the target's own long greedy continuations of prompts from
+    `files`, their repetitive part only (96 tokens on): a drafter that copies the target's loops better and
+    predicts the first tokens after a prompt worse."""
+    ids, _ = training.greedy_sequences(target, files, 16, 16 + 256, torch.Generator().manual_seed(3), prompt_len=16)
+    batches = [training.teacher_inputs(target, ids[:8]), training.teacher_inputs(target, ids[8:])]  # [8, 272] each
+    tuned = copy.deepcopy(drafter).requires_grad_(True).train()
+    optimizer = training.make_optimizer(tuned, 3e-4, 0.0)
+    for step in range(steps):
+        batch = batches[step % 2]
+        loss = 0.0
+        for _, out, _, teacher, valid, _ in training.draft_steps(tuned, target, batch, 4):
+            valid = valid.clone()
+            valid[:, :96] = False
+            loss = loss + training.kl(teacher[valid], torch.log_softmax(out.logits[valid].float(), dim=-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return tuned.requires_grad_(False).eval()
+
+
+def test_the_evaluation_catches_a_drafter_the_old_one_scored_better_and_the_init_is_kept(
+        prose, tmp_path, capsys, monkeypatch):
+    """A drafter fine-tuned on the target's long repetitive continuations: the old evaluation (every position of
+    256-token continuations of held-out prompts) scores it at least as fast as the bundled one, the held-out
+    evaluation (the loop's rounds over the first tokens after each prompt) slower. A run whose steps yield that
+    drafter keeps the init: bit for bit, exit status KEPT_INIT."""
+    torch.set_num_threads(1)
+    target = load_target(BUNDLED / "target")
+    init = load_drafter(BUNDLED / "drafter", target=target, dtype=torch.float32)
+    docs = train_drafter.read_documents([str(prose)], None)
+    tokenizer = train_drafter.load_tokenizer(target.checkpoint_dir)
+    held = train_drafter.tokenize([d for d in docs if train_drafter.is_held_out(d["text"], 0.05)], tokenizer)
+    train = train_drafter.tokenize([d for d in docs if not train_drafter.is_held_out(d["text"], 0.05)], tokenizer)
+    tuned = repetition_tuned(init, target, train)
+
+    ids, first = training.greedy_sequences(target, held, 8, 32 + 256, torch.Generator().manual_seed(2), prompt_len=32)
+    long_continuations = training.teacher_inputs(target, ids)
+    old_init, old_tuned = (old_evaluation(d, target, long_continuations, first, 8, 0.16) for d in (init, tuned))
+    assert old_tuned >= old_init
+
+    weights = {k: v.clone() for k, v in tuned.state_dict().items()}
+    real = train_drafter.drafter_loss
+
+    def tuned_step(drafter, *args, **kwargs):  # every step lands on the tuned drafter (zero gradient, no decay)
+        drafter.load_state_dict(weights)
+        loss, stats = real(drafter, *args, **kwargs)
+        return loss * 0, stats
+
+    monkeypatch.setattr(train_drafter, "drafter_loss", tuned_step)
+    out = tmp_path / "out"
+    code = run_bundled(prose, out, "--steps", "2", "--eval-every", "1", "--weight-decay", "0", "--loop-prompts", "0")
+    assert code == train_drafter.KEPT_INIT
+    report = json.loads((out / "training_report.json").read_text())
+    new_init, new_tuned = (e["predicted_speedup_best"] for e in report["evals"][:2])
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "train_drafter.py: no evaluation beat the initial drafter")
+    with capsys.disabled():
+        print(f"\nold evaluation: init {old_init:.4f}, tuned {old_tuned:.4f}; held-out evaluation: init "
+              f"{new_init:.4f}, tuned {new_tuned:.4f}")
+    assert new_tuned < new_init and report["evals"][2]["predicted_speedup_best"] == new_tuned
+    assert report["kept_init"] and report["output_step"] == 0
+    from safetensors.torch import load_file
+
+    init_file, saved = load_file(str(BUNDLED / "drafter" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert init_file.keys() == saved.keys() and all(torch.equal(init_file[k].float(), saved[k]) for k in init_file)
 
 
 if __name__ == "__main__":
