@@ -632,7 +632,6 @@ def test_the_evaluation_catches_a_drafter_the_old_one_scored_better_and_the_init
     256-token continuations of held-out prompts) scores it at least as fast as the bundled one, the held-out
     evaluation (the loop's rounds over the first tokens after each prompt) slower. A run whose steps yield that
     drafter keeps the init: bit for bit, exit status KEPT_INIT."""
-    torch.set_num_threads(1)
     target = load_target(BUNDLED / "target")
     init = load_drafter(BUNDLED / "drafter", target=target, dtype=torch.float32)
     docs = train_drafter.read_documents([str(prose)], None)
@@ -662,14 +661,12 @@ def test_the_evaluation_catches_a_drafter_the_old_one_scored_better_and_the_init
     new_init, new_tuned = (e["predicted_speedup_best"] for e in report["evals"][:2])
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "train_drafter.py: no evaluation beat the initial drafter")
-    with capsys.disabled():
-        print(f"\nold evaluation: init {old_init:.4f}, tuned {old_tuned:.4f}; held-out evaluation: init "
-              f"{new_init:.4f}, tuned {new_tuned:.4f}")
     assert new_tuned < new_init and report["evals"][2]["predicted_speedup_best"] == new_tuned
     assert report["kept_init"] and report["output_step"] == 0
     from safetensors.torch import load_file
 
-    init_file, saved = load_file(str(BUNDLED / "drafter" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    init_file = load_file(str(BUNDLED / "drafter" / "model.safetensors"))
+    saved = load_file(str(out / "model.safetensors"))
     assert init_file.keys() == saved.keys() and all(torch.equal(init_file[k].float(), saved[k]) for k in init_file)
 
 
