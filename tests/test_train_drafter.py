@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from drafter import training
 from gemma4 import KVView
@@ -584,13 +585,10 @@ def test_a_training_that_damages_the_drafter_keeps_the_init(prose, tmp_path, cap
     before = report["evals"][0]
     for trained in report["evals"][1:]:
         assert max(trained["tokens_per_round"]) < max(before["tokens_per_round"])
-    from safetensors.torch import load_file
-
     init, saved = load_file(str(BUNDLED / "drafter" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert init.keys() == saved.keys() and all(torch.equal(init[k].float(), saved[k]) for k in init)
     loop = report["loop_check"]
     assert loop["after"]["acceptance_per_position"] == loop["before"]["acceptance_per_position"]
-
 
 
 def old_evaluation(drafter, target, data: dict, first: torch.Tensor, steps: int, drafter_cost: float) -> float:
@@ -663,8 +661,6 @@ def test_the_evaluation_catches_a_drafter_the_old_one_scored_better_and_the_init
         "train_drafter.py: no evaluation beat the initial drafter")
     assert new_tuned < new_init and report["evals"][2]["predicted_speedup_best"] == new_tuned
     assert report["kept_init"] and report["output_step"] == 0
-    from safetensors.torch import load_file
-
     init_file = load_file(str(BUNDLED / "drafter" / "model.safetensors"))
     saved = load_file(str(out / "model.safetensors"))
     assert init_file.keys() == saved.keys() and all(torch.equal(init_file[k].float(), saved[k]) for k in init_file)
