@@ -136,8 +136,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return (y[:1] if tokens == 1 else y).view(*x.shape[:-1], out)
     # Under torch.compile, F.linear (inductor runs its own choice of GEMM for it): a branch on the token count
     # would give every kind of compiled layer a second graph for verify passes of more than _FEW_TOKENS.
-    if (tokens > _FEW_TOKENS or weight.numel() < _BLOCKED_WEIGHT or out % _ROW_BLOCKS
-            or torch.compiler.is_compiling()):
+    # is_compiling first: a test of the token count before it would be a guard (verify passes of more than
+    # _FEW_TOKENS tokens would compile a graph of their own).
+    if (torch.compiler.is_compiling() or tokens > _FEW_TOKENS or weight.numel() < _BLOCKED_WEIGHT
+            or out % _ROW_BLOCKS):
         return F.linear(x, weight, bias)
     x = x.contiguous()
     blocks = weight.view(_ROW_BLOCKS, out // _ROW_BLOCKS, inp)  # [8, out/8, in]
@@ -183,7 +185,10 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     is copied first: torch runs the loop per contiguous row, with a tail in every row. Real Gemma 4 widths fill
     whole chunks."""
     n = x.numel()
-    if generic(x) or n % _VECTOR_CHUNK == 0 and x.is_contiguous():
+    # Under torch.compile the test reads the width, a constant of the graph: a test of n would be a guard on the
+    # token count (a graph of its own for verify passes whose n happens to fill whole chunks).
+    whole = (x.shape[-1] if torch.compiler.is_compiling() else n) % _VECTOR_CHUNK == 0
+    if generic(x) or whole and x.is_contiguous():
         return F.gelu(x, approximate="tanh")
     flat = torch.cat([x.reshape(-1), x.new_zeros(_VECTOR_CHUNK - n % _VECTOR_CHUNK)])
     return F.gelu(flat, approximate="tanh")[:n].view(x.shape)
