@@ -9,25 +9,31 @@ layers attend over all `max_length` positions, masked) and writes through index 
 (lengths, masks, rollbacks) runs outside the graphs, in `KVCache.begin`.
 
 Regional compilation: the target is compiled one decoder layer at a time (`Gemma4Model.run_step(...,
-run_layer=...)`), through ONE compiled function shared by every layer. dynamo keeps a graph per set of guards, and
-the guards see only what a layer's code reads: its kind (attention type, owning or reusing K/V, widths) and the
-shapes and dtypes of its tensors, never its index (a layer reads its cache slot through a `LayerKV`, which holds the
-buffers, and every owning layer exports its K/V). So the bundled target's 24 layers compile 4 graphs, not 24
-layers' worth of code, and a deeper model of the same kinds compiles nothing new. The embedding, per-layer inputs,
-rotary tables and head (a few dozen ops) run eagerly between the graphs.
+run_layer=...)`). dynamo keeps a graph per set of guards, and the guards see only what a layer's code reads: its kind
+(attention type, owning or reusing K/V, widths) and the shapes and dtypes of its tensors, never its index (a layer
+reads its cache slot through a `LayerKV`, which holds the buffers, and every owning layer exports its K/V). So the
+bundled target's 24 layers compile 4 kinds x 2 token counts = 8 graphs, not 24 layers' worth of code, and a deeper
+model of the same kinds compiles nothing new. Each kind and token count calls a compiled function of its own
+(`layer_function`, one per process, shared by every model), so that a call finds its graph without trying the
+other kinds' guards. The embedding, per-layer inputs, rotary tables and head (a few dozen ops) run eagerly between
+the graphs.
 
 What is compiled, per kind of layer: a graph for one token per row (dynamo specialises size 1) and a graph whose
 token count is symbolic (`dynamic=True`), which serves every verify length 2..K + 1, so a schedule whose draft
 length changes every round (auto, heuristic) compiles nothing after the warm-up (which runs every length); and the
-drafter's forward (one token per row, a fixed shape). Prefill stays eager: it runs once per prompt, at a length no
-later call repeats. `fullgraph=True` turns any graph break into an error, so a change that breaks compilation fails
-loudly (tests/test_compiled.py counts compiled graphs). On CUDA, `mode="reduce-overhead"` adds CUDA graphs (the cache's
-buffers are marked as static addresses so the graphs write into them in place).
+drafter's forward (one token per row, a fixed shape). Nothing in the layers may test the token count (a test is a
+guard, and a guard a graph per outcome): `linear` and `gelu_tanh` (gemma4/kernels.py) decide by the width under
+compilation. Prefill stays eager: it runs once per prompt, at a length no later call repeats. `fullgraph=True` turns
+any graph break into an error, so a change that breaks compilation fails loudly (tests/test_compiled.py counts
+compiled graphs). On CUDA, `mode="reduce-overhead"` adds CUDA graphs (the cache's buffers are marked as static
+addresses so the graphs write into them in place).
 
 The first call of each shape compiles; `generate` runs those calls before its timed decode loop and reports them as
 `stats.compile_seconds`. inductor keeps what it compiled on disk (`cache_dir()`: torch's default folder in the
 temporary directory, or $TORCHINDUCTOR_CACHE_DIR; delete that folder to start cold), so a second process skips the
-code generation and the C++ compiler and only traces (BENCHMARKS.md, section 11, has both figures).
+code generation and the C++ compiler and only traces: dynamo and AOTAutograd trace each graph again, which is most
+of what a second process spends (BENCHMARKS.md, section 11). torch's `save_cache_artifacts`/`load_cache_artifacts`
+pack the same on-disk entries into one blob: they move the cache, they do not skip the tracing.
 
 The models' `functools.cache` helpers (constants such as RoPE's inverse frequencies, made once for eager mode) are
 pure functions of their arguments, so dynamo may trace through their cache: `allow_cached_helpers` tells it so, and
@@ -85,9 +91,8 @@ class CompiledSteps:
                spec.mlp_width, x.shape[1] == 1)
         compiled = self._layers.get(key)
         if compiled is None:
-            compiled = self._layers[key] = torch.compile(
-                layer_function("_".join(map(str, key))), fullgraph=True, dynamic=True, mode=self._mode,
-                options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            compiled = self._layers[key] = torch.compile(layer_function("_".join(map(str, key))), fullgraph=True,
+                                                         dynamic=True, mode=self._mode)
         return compiled(layer, x, *inputs)
 
     def step(self, target, token, hidden, position, views, context=None):
@@ -95,12 +100,14 @@ class CompiledSteps:
         return self._drafter(torch.cat([target.embed(token), hidden], dim=-1), position, views, context)
 
 
+@functools.cache
 def layer_function(name: str):
     """`layer(*inputs)` as a function with a code object of its own. dynamo keeps its graphs on the code object and,
-    on every call, tries their guards one after the other until one passes; a guard set of a layer reads the
-    layer's modules, its cache slot and the shared K/V (~25 us each on a 2-core EPYC), so one function shared by
-    every kind of layer and token count (8 graphs for the bundled target) spent ~200 us a call finding its graph, a
-    fifth of a compiled decode step. One function per kind and token count holds one graph and finds it at once."""
+    on every call, checks their guards until one set passes. With one function for every layer (4 graphs in a
+    target-only generation of the bundled target) finding the graph took 204 us a call, 16% of a compiled decode
+    step's CPU time (torch.profiler, 2-core EPYC at load 6.4); with one function per kind and token count, 122 us
+    (load 7). Made once per name and process, so that models of the same kinds share the graphs (their guards tell
+    models apart)."""
     def run_layer(layer, *inputs):
         return layer(*inputs)
 

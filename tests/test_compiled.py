@@ -87,6 +87,23 @@ def test_layers_of_one_kind_share_their_compiled_graphs():
     assert graphs() == before
 
 
+def test_a_fresh_trace_finds_every_graph_in_the_compile_cache():
+    """What a second process does (speculative/compiled.py): dynamo forgets its graphs (as a new process starts
+    without them) and traces the layers again, and inductor finds every traced graph in its on-disk cache: no graph
+    is compiled again, and the tokens are the same."""
+    target, drafter = small_pair()
+    ids = prompt(30, seed=7)
+    first = generate(target, drafter, ids, max_new_tokens=12, num_draft_tokens=3, stop_token_ids=[], compile=True)
+    torch._dynamo.reset()
+    inductor = counters["inductor"]
+    hits, misses, traced = inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"], graphs()
+    again = generate(target, drafter, ids, max_new_tokens=12, num_draft_tokens=3, stop_token_ids=[], compile=True)
+    assert again.tokens == first.tokens
+    assert graphs() > traced, "dynamo traced the graphs again"
+    assert inductor["fxgraph_cache_miss"] == misses
+    assert inductor["fxgraph_cache_hit"] - hits == graphs() - traced
+
+
 def test_compiled_sampling_with_a_seed_equals_eager():
     target, drafter = small_pair()
     compare(target, drafter, prompt(20, seed=2), max_new_tokens=20, num_draft_tokens=3, schedule="constant",
