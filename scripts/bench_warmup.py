@@ -6,9 +6,9 @@
 
 Each process is a fresh Python that loads the bundled pair and runs one compiled speculative generation; it reports
 `stats.compile_seconds` (the warm-up inside `generate`), its own wall time from start to exit, its CPU time, and the
-graphs dynamo compiled. All processes of one schedule share a cache folder that starts empty (inductor's kernels and
-the project's compile cache, speculative/compiled.py), so the first process compiles everything and the later ones
-show what the caches save. Run it on a quiet machine: wall seconds on a loaded one are mostly waiting for the CPU.
+graphs dynamo compiled. All processes of one schedule share a cache folder that starts empty (inductor's on-disk
+cache, `speculative.compiled.cache_dir()`), so the first process compiles everything and the later ones show what
+the cache saves. Run it on a quiet machine: wall seconds on a loaded one are mostly waiting for the CPU.
 """
 
 from __future__ import annotations
