@@ -256,8 +256,8 @@ def fit_plane(points: dict[tuple[int, int], tuple[float, int]]):
     points do not determine it (fewer than two batch sizes, or lengths that do not vary apart from B) or the fit
     has b < 0 or c < 0 (costs do not fall with more rows)."""
     xy = [(b, b * n) for b, n in points]  # (B, T): the plane is determined iff these are not on one line
-    if not any((q[0] - xy[0][0]) * (r[1] - xy[0][1]) != (q[1] - xy[0][1]) * (r[0] - xy[0][0])
-               for q in xy for r in xy) or len({b for b, _ in points}) < 2:
+    (b0, t0), other = xy[0], next((q for q in xy if q != xy[0]), None)
+    if other is None or all((b - b0) * (other[1] - t0) == (t - t0) * (other[0] - b0) for b, t in xy):
         return None
     rows = [((1.0, float(b), float(t)), y, w) for (b, t), (y, w) in zip(xy, points.values())]
     normal = torch.tensor([[sum(w * x[i] * x[j] for x, _, w in rows) for j in range(3)] for i in range(3)],
