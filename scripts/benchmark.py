@@ -1033,10 +1033,12 @@ def section_schedules(args, q: dict) -> list[str]:
         runs = [json.loads(Path(f).read_text()) for f in args.schedules_from.split(",")]
         cfg = dict(runs[0]["cfg"], dtypes=tuple(dict.fromkeys(d for r in runs for d in r["cfg"]["dtypes"])))
         results: dict = {}
+        processes: dict = {}
         for r in runs:  # a cell measured by several processes: their runs together
             for k, label, v in r["results"]:
                 results.setdefault((tuple(k), label), []).extend(v)
-        cfg["processes"] = len(runs)
+                processes[tuple(k)] = processes.get(tuple(k), 0) + (label == "auto")
+        cfg["processes"] = max(processes.values())
         curves = next((r["curves"] for r in runs if r["curves"]), {})
         return render_schedules(results, cfg, [x for r in runs for x in r["load"]], curves, args)
     cfg = dict(q["schedules"])
@@ -1104,7 +1106,7 @@ def render_schedules(runs: dict, cfg: dict, load: list[float], curves: dict, arg
     batches, ns, new = cfg["batches"], cfg["ns"], cfg["new"]
     results = {key: statistics.mean(v) if key[1] == "auto k" else statistics.median(v) for key, v in runs.items()}
     count = min(len(v) for key, v in runs.items() if key[1] != "auto k")
-    where = f" ({cfg['processes']} processes)" if cfg.get("processes", 1) > 1 else ""
+    where = f" in {cfg['processes']} processes" if cfg.get("processes", 1) > 1 else ""
     lines = [f"The bundled pair; {max(batches)} held-out code prompts (the drafter's domain) and {max(batches)} "
              f"English prose paragraphs (pydoc's topics) of {cfg['prompt']} tokens; the costly drafter is the "
              "bundled one computing each step 8 times (same drafts, about the cost of a target decode step). Each "

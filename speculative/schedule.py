@@ -38,12 +38,12 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
 - **The choice** (`AutoPlanner.plan`): a round with k drafts costs k c_d(B) + c_v(B (k + 1)) whatever each row's
   acceptance, and row b expects E_b(k) = 1 + sum_{i<=k} prod_{j<=i} alpha_{b,j} tokens from it (the bonus token
   included). E_b grows with k, so a row gets every draft the round computes (up to its budget): the batch's k is
-  the smallest k in 0..K whose sum_b E_b(k) / (k c_d + c_v) is within NEAR_BEST of the largest. Not the argmax
-  itself: the rate is often flat across several k (`auto`'s own estimates at 16 rows of code, float32, were within
-  3% of each other from k = 3 to 8), and
-  there the argmax follows the noise of the estimates, which grows with k (a longer product of estimated alphas,
-  verify lengths measured less often, the optimistic flat line beyond the longest one), and a larger k has more
-  to lose when they are wrong. k = 0 is a plain decode step.
+  the k in 0..K with the largest sum_b E_b(k) / (k c_d + c_v) (the smallest such k on a tie). k = 0 is a plain
+  decode step. A rule that took the smallest k within 2% of the largest rate (the rate is often flat across several
+  k, where the argmax follows the estimates' noise) drafted too little, and so did PRIOR_WEIGHT 2 (one rejection
+  moved a row's estimate too far): replayed without timing noise on recorded acceptance and costs
+  (scripts/replay_schedules.py, BENCHMARKS.md section 10), the argmax with PRIOR_WEIGHT 4 came closer to the best
+  constant N of each cell, on average and in the worst cell.
   Exploration: after k = 0 was chosen PROBE_AFTER rounds in a row, one round drafts 1 token (a probe), so a row
   whose text became predictable shows it; the wait doubles after each probe (up to PROBE_MAX rounds) and comes back
   to PROBE_AFTER once `auto` drafts by itself, and it is never shorter than what keeps the probes' extra time
@@ -69,12 +69,11 @@ SCHEDULES = ("auto", "constant", "heuristic")
 DEFAULT_SCHEDULE = "auto"
 
 DECAY = 0.9  # auto: a row's acceptance counts fade by this per round with evidence (a memory of ~10 rounds)
-PRIOR_WEIGHT = 2.0  # auto: pseudo-trials of the prior each estimate is shrunk towards
+PRIOR_WEIGHT = 4.0  # auto: pseudo-trials of the prior each estimate is shrunk towards
 PROBE_AFTER, PROBE_MAX = 8, 64  # auto: rounds of k = 0 before a 1-token probe; the wait doubles up to PROBE_MAX
 PROBE_SHARE = 0.02  # auto: and is long enough that probes take at most this share of the decoding time
 SAMPLES_KEPT = 16  # auto: a cost is the median of this many latest rounds
 CARRIED_TRIALS = 4.0  # auto: a generation starts from the pair's recent pooled acceptance, worth this many trials
-NEAR_BEST = 0.02  # auto: the smallest k whose expected tokens/s is within this share of the best one's
 
 
 def next_num_draft_tokens(schedule: str, k: int, drafted: int, accepted: int) -> int:
@@ -371,13 +370,12 @@ class Plan:
 
 def best_draft_length(expected: list[list[float]], drafter_step: float, rest, frozen: int = 0
                       ) -> tuple[int, float, float]:
-    """(k, sum_b E_b(k), seconds): the smallest k whose sum_b E_b(k) / (k drafter_step + rest(B, k + 1)) is within
-    NEAR_BEST of the largest over k = 0..K, where expected[b] = [E_b(0), ..., E_b(K)] (a row with less room repeats
-    its last value), B = len(expected) + frozen rows that run without generating."""
+    """(k, sum_b E_b(k), seconds): the k in 0..K with the largest sum_b E_b(k) / (k drafter_step + rest(B, k + 1))
+    (the smallest on a tie), where expected[b] = [E_b(0), ..., E_b(K)] (a row with less room repeats its last
+    value), B = len(expected) + frozen rows that run without generating."""
     rows = len(expected) + frozen
     choices = [(k, sum(e[k] for e in expected), k * drafter_step + rest(rows, k + 1)) for k in range(len(expected[0]))]
-    top = max(tokens / seconds for _, tokens, seconds in choices)
-    return next(c for c in choices if c[1] / c[2] >= top * (1 - NEAR_BEST) * (1 - 1e-12))
+    return max(choices, key=lambda c: (c[1] / c[2], -c[0]))
 
 
 class AutoPlanner:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from speculative import generate
-from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_DRAFT_TOKENS, NEAR_BEST, PRIOR_WEIGHT, PROBE_AFTER,
+from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_DRAFT_TOKENS, PRIOR_WEIGHT, PROBE_AFTER,
                                   PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, Acceptance, AutoPlanner, FixedCosts,
                                   MeasuredCosts, best_draft_length, fit_line, fit_plane)
 from tests.test_sampling_lossless import (GOOD_P, TableDrafter, chi_square_p_value, exact_joint_t2_t3,
@@ -36,8 +36,8 @@ def test_best_draft_length_is_the_cost_models_optimum(a, c_d, v0, v1):
     K = 8
     k, tokens, seconds = best_draft_length([expected(a, K)], c_d, lambda B, S: v0 + v1 * B * S)
     rates = [e / (j * c_d + v0 + v1 * (j + 1)) for j, e in enumerate(expected(a, K))]
-    # brute force over the closed form: the smallest k within NEAR_BEST of the best rate
-    assert k == min(j for j in range(K + 1) if rates[j] >= (1 - NEAR_BEST) * max(rates) * (1 - 1e-9))
+    # brute force over the closed form: the best rate's k (the smallest on a tie)
+    assert k == min(j for j in range(K + 1) if rates[j] >= max(rates) * (1 - 1e-9))
     assert tokens / seconds == pytest.approx(rates[k])
     if a == 1:  # the closed form: the largest k iff c_d < v0, else 0
         assert k == (K if c_d < v0 else 0)
@@ -45,14 +45,13 @@ def test_best_draft_length_is_the_cost_models_optimum(a, c_d, v0, v1):
         assert k == 0  # nothing is ever accepted: any draft only costs
 
 
-def test_a_larger_k_must_beat_a_smaller_one_by_more_than_near_best():
-    """Rates 1.00, 1.01, 1.015 (k = 0, 1, 2): all within NEAR_BEST = 2% of the best, so k = 0; with 1.025 and
-    1.05 only k = 2 is (1.05 x 0.98 = 1.029); with 1.035 and 1.05, k = 1 is too."""
+def test_the_best_rate_wins_and_a_tie_goes_to_the_smaller_k():
+    """Rates 1.00, 1.01, 1.015 (k = 0, 1, 2): k = 2, however small its lead; 1.0, 1.5, 1.5: k = 1 (a larger k that
+    brings nothing more is not drafted)."""
     rest = (lambda B, S: 1.0)
-    assert NEAR_BEST == 0.02
-    assert best_draft_length([[1.0, 1.01, 1.015]], 0.0, rest)[0] == 0
-    assert best_draft_length([[1.0, 1.025, 1.05]], 0.0, rest)[0] == 2
-    assert best_draft_length([[1.0, 1.035, 1.05]], 0.0, rest)[0] == 1
+    assert best_draft_length([[1.0, 1.01, 1.015]], 0.0, rest)[0] == 2
+    assert best_draft_length([[1.0, 1.5, 1.5]], 0.0, rest)[0] == 1
+    assert best_draft_length([[1.0, 1.5, 1.5]], 0.1, rest)[0] == 1
 
 
 def test_a_batch_chooses_one_k_for_the_sum_of_its_rows():
@@ -61,7 +60,7 @@ def test_a_batch_chooses_one_k_for_the_sum_of_its_rows():
     K = 6
     k, _, _ = best_draft_length([expected(1.0, K), expected(0.0, K)], c_d, v)
     rates = [(j + 2) / (j * c_d + v(2, j + 1)) for j in range(K + 1)]
-    assert k == min(j for j in range(K + 1) if rates[j] >= (1 - NEAR_BEST) * max(rates) * (1 - 1e-9))
+    assert k == min(j for j in range(K + 1) if rates[j] >= max(rates) * (1 - 1e-9))
     k3, _, seconds = best_draft_length([expected(1.0, K), expected(0.0, K)], c_d, v, frozen=3)
     assert seconds == pytest.approx(k3 * c_d + v(5, k3 + 1))
 
@@ -173,7 +172,7 @@ def test_each_rows_estimate_borrows_the_batchs_rate_at_the_same_position():
         E.append([1 + sum(math.prod(alphas[: i + 1]) for i in range(k)) for k in range(K + 1)])
     seconds = [k * 0.1 + 1.0 + 0.01 * 3 * (k + 1) for k in range(K + 1)]
     rates = [sum(e[k] for e in E) / seconds[k] for k in range(K + 1)]
-    best = min(k for k in range(K + 1) if rates[k] >= (1 - NEAR_BEST) * max(rates) * (1 - 1e-9))
+    best = min(k for k in range(K + 1) if rates[k] >= max(rates) * (1 - 1e-9))
     assert plan.k == best
     assert plan.rates == pytest.approx([e[best] / seconds[best] for e in E])
     assert E[2] == pytest.approx([1 + sum(math.prod(batch[: i + 1]) for i in range(k)) for k in range(K + 1)])
@@ -222,7 +221,7 @@ def test_auto_settles_on_the_optimum_of_the_acceptance_it_sees():
 
 
 def test_auto_sampling_matches_the_target_distribution(target):  # noqa: F811
-    """k chosen from earlier rounds (round 1 drafts 1 from the prior, where k = 1 and 2 are within NEAR_BEST; round
+    """k chosen from earlier rounds (round 1 drafts 1 from the prior, where k = 1 and 2 tie; round
     2 none or 2, as round 1's outcome makes worthwhile): the joint law of (t2, t3) is still the target's."""
     costs = FixedCosts(0.2, lambda T: 1.0)
     exact = exact_joint_t2_t3(target, temperature=1.0)
