@@ -29,11 +29,19 @@ compiled graphs). On CUDA, `mode="reduce-overhead"` adds CUDA graphs (the cache'
 addresses so the graphs write into them in place).
 
 The first call of each shape compiles; `generate` runs those calls before its timed decode loop and reports them as
-`stats.compile_seconds`. inductor keeps what it compiled on disk (`cache_dir()`: torch's default folder in the
-temporary directory, or $TORCHINDUCTOR_CACHE_DIR; delete that folder to start cold), so a second process skips the
-code generation and the C++ compiler and only traces: dynamo and AOTAutograd trace each graph again, which is most
-of what a second process spends (BENCHMARKS.md, section 11). torch's `save_cache_artifacts`/`load_cache_artifacts`
-pack the same on-disk entries into one blob: they move the cache, they do not skip the tracing.
+`stats.compile_seconds`. inductor keeps the kernels it compiled on disk (`cache_dir()`: torch's default folder in
+the temporary directory, or $TORCHINDUCTOR_CACHE_DIR), but that alone leaves a second process tracing every graph
+again through dynamo and AOTAutograd (46-56 s for the bundled pair on 2 cores; torch's `save_cache_artifacts` /
+`load_cache_artifacts` move the same entries and do not skip the tracing). So on the CPU each region is compiled
+ahead of time (`Precompiled`: dynamo's `aot_compile`) and stored, guards and all, in `precompiled_dir()`, a folder
+inside `cache_dir()`; a later process loads the stored functions and traces nothing (bundled pair: 2-3 s of
+warm-up; BENCHMARKS.md, section 11). A stored function runs only on inputs its guards accept (others are traced as
+before), and its file name holds a digest of the model code, torch, Python and the module switches, so an edit or an
+upgrade stores a new entry and never loads a stale one. Delete `precompiled_dir()` to make the next process trace
+again, `cache_dir()` to start cold. The files are pickles written by torch, which run code when they are loaded:
+only this module writes and reads them, under names it derives, in that folder (the project's weights are read from
+safetensors only); never copy files there from elsewhere. On CUDA the regions are compiled in every process, as
+CUDA graphs (`mode="reduce-overhead"`) are not stored.
 
 The models' `functools.cache` helpers (constants such as RoPE's inverse frequencies, made once for eager mode) are
 pure functions of their arguments, so dynamo may trace through their cache: `allow_cached_helpers` tells it so, and
@@ -44,8 +52,10 @@ it no longer warns about each of them (a multi-line warning naming this machine'
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -56,6 +66,12 @@ def cache_dir() -> str:
     from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
     return inductor_cache_dir()
+
+
+def precompiled_dir() -> Path:
+    """Where the precompiled functions are kept (module docstring): a folder inside `cache_dir()`, so deleting
+    inductor's cache deletes them too; deleting this folder alone makes the next process trace again."""
+    return Path(cache_dir()) / "precompiled"
 
 
 class CompiledSteps:
@@ -70,14 +86,11 @@ class CompiledSteps:
         allow_cached_helpers()
 
         self._mode = mode
-        self._layers: dict[tuple, object] = {}  # (kind of layer, one token?) -> its compiled function
+        self._layers: dict[tuple, object] = {}  # (kind of layer, one token?, one row?) -> its compiled function
         self._run_step = target.run_step
-        self._drafter = None
+        self._drafter = drafter
         if drafter is not None:
-            def drafter_step(inputs_embeds, position, views, context):
-                return drafter(inputs_embeds, position, views, context)
-
-            self._drafter = torch.compile(drafter_step, fullgraph=True, dynamic=False, mode=mode)
+            self._drafter_step = region("drafter", drafter_step, drafter, dynamic=False, mode=mode)
 
     def forward(self, input_ids: torch.Tensor, cache):
         """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static)."""
@@ -88,16 +101,23 @@ class CompiledSteps:
         """layer(x, *inputs) through the compiled function of its kind and token count (`layer_function`)."""
         spec = layer.self_attn.spec
         key = (spec.attention_type, spec.head_dim, spec.num_kv_heads, spec.kv_mode == "reuse", spec.has_v_proj,
-               spec.mlp_width, x.shape[1] == 1)
+               spec.mlp_width, x.shape[1] == 1, x.shape[0] == 1)
         compiled = self._layers.get(key)
         if compiled is None:
-            compiled = self._layers[key] = torch.compile(layer_function("_".join(map(str, key))), fullgraph=True,
-                                                         dynamic=True, mode=self._mode)
+            name = "_".join(map(str, key[:-1]))  # the rows belong to the store's key, not to dynamo's code object
+            compiled = self._layers[key] = region(name, layer_function(name), layer, dynamic=True, mode=self._mode,
+                                                  rows=x.shape[0])
         return compiled(layer, x, *inputs)
 
     def step(self, target, token, hidden, position, views, context=None):
         """Drafter.step, compiled: the embedding of the last token and the hidden state in, one draft step out."""
-        return self._drafter(torch.cat([target.embed(token), hidden], dim=-1), position, views, context)
+        inputs_embeds = torch.cat([target.embed(token), hidden], dim=-1)
+        return self._drafter_step(self._drafter, inputs_embeds, position, views, context)
+
+
+def drafter_step(drafter, inputs_embeds, position, views, context):
+    """The drafter's forward with the drafter as an argument: a stored function cannot hold a module."""
+    return drafter(inputs_embeds, position, views, context)
 
 
 @functools.cache
@@ -113,6 +133,110 @@ def layer_function(name: str):
 
     run_layer.__code__ = run_layer.__code__.replace(co_name=f"run_layer_{name}")
     return run_layer
+
+
+def region(name: str, function, module, *, dynamic: bool, mode, rows: int = 1):
+    """`function(module, ...)` compiled: through the precompile store on the CPU (`Precompiled`), with
+    `torch.compile` alone elsewhere (CUDA graphs are not stored)."""
+    if mode is not None or module_device(module).type != "cpu":
+        return torch.compile(function, fullgraph=True, dynamic=dynamic, mode=mode)
+    return precompiled(name, function, structure(module, rows), dynamic)
+
+
+@functools.cache
+def precompiled(name: str, function, structure: str, dynamic: bool) -> Precompiled:
+    """One `Precompiled` per region and process, shared by every model of that structure (as `layer_function`)."""
+    return Precompiled(name, function, structure, dynamic)
+
+
+class Precompiled:
+    """A region compiled once per machine rather than once per process: dynamo's ahead-of-time compilation
+    (`torch.compile(...).aot_compile`) traces it into a function that is saved in `precompiled_dir()` and that a
+    later process loads without tracing anything. The file holds the graph's guards (shapes, dtypes and strides of
+    every tensor, grad mode, the module's structure, the module globals it read, such as the row-invariance
+    switch), and a call whose inputs fail them runs `torch.compile` of the same function instead: a stored
+    function is never run on inputs it was not traced for. The file's name holds a digest of everything a stale
+    entry could differ by (`store_key`), so an edit of the models' code, another torch or Python, or another
+    dtype writes a new entry instead of loading the old one.
+
+    The files are pickles written by torch, which run code when they are loaded: this class loads only files of
+    `precompiled_dir()` that it writes itself, under the names it derives, with the trust inductor's own cache
+    (compiled kernels loaded from the same folder) already asks for. Never copy a file there from elsewhere."""
+
+    def __init__(self, name: str, function, structure: str, dynamic: bool):
+        self.path = precompiled_dir() / f"{name}-{store_key(name, structure, dynamic)}.pt2"
+        self.function, self.dynamic = function, dynamic
+        self.traced = torch.compile(function, fullgraph=True, dynamic=dynamic)  # for inputs the guards refuse
+        self.stored = None
+
+    def __call__(self, *args):
+        stored = self.stored if self.stored is not None else self.prepare(args)
+        if stored.guard_check(*args):
+            return stored.fn(*args)  # the guards, once
+        return self.traced(*args)
+
+    def prepare(self, args):
+        """Load the stored function, or compile it ahead of time from these inputs and store it."""
+        if self.path.exists():
+            with open(self.path, "rb") as file:
+                self.stored = torch.compiler.load_compiled_function(file)
+            return self.stored
+        # A float argument becomes a constant: the ahead-of-time tracer cannot restart a trace that turned one
+        # into a tensor. Each symbolic size gets a symbol of its own: one graph serves every size, and a token
+        # count that happens to equal another size (2 heads, 2 tokens) must not tie the two together, as a stored
+        # function cannot recompile. The guards keep only what a new process can check (`storable_guards`).
+        with torch._dynamo.config.patch(specialize_float=True), torch.fx.experimental._config.patch(
+                use_duck_shape=False):
+            compiler = torch.compile(self.function, fullgraph=True, dynamic=self.dynamic,
+                                     options={"guard_filter_fn": storable_guards})
+            self.stored = compiler.aot_compile((args, {}))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stored.save_compiled_function(str(self.path))  # written to a temporary file, then renamed
+        return self.stored
+
+
+def storable_guards(entries) -> list[bool]:
+    """Which of a graph's guards a stored function keeps: those a new process can check. torch's default for
+    ahead-of-time compilation also drops every guard on a global, and with them the module switches the layers
+    read (`gemma4.kernels.set_row_invariant_float32`, `gemma4.generic.generic_path`); these are kept. Dropped:
+    identities (of objects, functions, modules), which a new process cannot match, and the builtins' dict, which
+    a loaded function cannot look up."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
+    return [not (e.guard_type in unsupported or e.name.startswith("G['__builtins_dict")) for e in entries]
+
+
+def structure(module: torch.nn.Module, rows: int) -> str:
+    """What tells two modules of one kind of region apart: their parameters' and buffers' names, shapes and
+    dtypes, their device, and whether they run one row."""
+    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in [*module.named_parameters(), *module.named_buffers()]]
+    return repr((tensors, str(module_device(module)), rows == 1))
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def store_key(name: str, structure: str, dynamic: bool) -> str:
+    """Digest of what a stored function depends on besides its inputs' guards: the region and the module's
+    structure, the code (every source file of gemma4/, drafter/ and this module), torch and Python, and the
+    module switches, so that each setting keeps its own entry."""
+    from gemma4 import generic, kernels
+
+    state = (name, structure, dynamic, torch.__version__, sys.version, kernels.row_invariant_float32(),
+             generic._on_cpu, source_digest())
+    return hashlib.sha256(repr(state).encode()).hexdigest()[:20]
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of the model code the regions trace."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("gemma4/*.py"), *root.glob("drafter/*.py"), Path(__file__).resolve()]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def allow_cached_helpers() -> None:

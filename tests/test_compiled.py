@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from speculative import generate, generate_batch
+from speculative import compiled, generate, generate_batch
 from tests import tiny
 from weights import load_drafter, load_target
 
@@ -87,21 +87,71 @@ def test_layers_of_one_kind_share_their_compiled_graphs():
     assert graphs() == before
 
 
-def test_a_fresh_trace_finds_every_graph_in_the_compile_cache():
-    """What a second process does (speculative/compiled.py): dynamo forgets its graphs (as a new process starts
-    without them) and traces the layers again, and inductor finds every traced graph in its on-disk cache: no graph
-    is compiled again, and the tokens are the same."""
+def forget_compiled(target) -> None:
+    """What a new process starts without: dynamo's graphs, the regions' functions and the pair's compiled steps."""
+    torch._dynamo.reset()
+    compiled.precompiled.cache_clear()
+    target.__dict__.pop("_compiled_steps", None)
+
+
+def test_a_second_process_loads_the_stored_functions_and_traces_nothing(tmp_path, monkeypatch):
+    """The precompile store (speculative/compiled.py): a first process compiles each region ahead of time and
+    stores it; a second one (dynamo reset, the regions forgotten) loads every region from the store, traces no
+    frame and compiles no graph, and gives the eager tokens."""
     target, drafter = small_pair()
     ids = prompt(30, seed=7)
-    first = generate(target, drafter, ids, max_new_tokens=12, num_draft_tokens=3, stop_token_ids=[], compile=True)
-    torch._dynamo.reset()
-    inductor = counters["inductor"]
-    hits, misses, traced = inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"], graphs()
-    again = generate(target, drafter, ids, max_new_tokens=12, num_draft_tokens=3, stop_token_ids=[], compile=True)
-    assert again.tokens == first.tokens
-    assert graphs() > traced, "dynamo traced the graphs again"
-    assert inductor["fxgraph_cache_miss"] == misses
-    assert inductor["fxgraph_cache_hit"] - hits == graphs() - traced
+    options = dict(max_new_tokens=12, num_draft_tokens=3, stop_token_ids=[])
+    eager = generate(target, drafter, ids, **options)
+    monkeypatch.setattr(compiled, "precompiled_dir", lambda: tmp_path)
+    forget_compiled(target)
+    try:
+        first = generate(target, drafter, ids, compile=True, **options)
+        stored = sorted(p.name for p in tmp_path.iterdir())
+        assert len(stored) == 5, stored  # 2 kinds x (one token, 2+ tokens), the drafter
+        forget_compiled(target)
+        frames, traced = counters["frames"]["total"], graphs()
+        again = generate(target, drafter, ids, compile=True, **options)
+        assert counters["frames"]["total"] == frames and graphs() == traced, "the second process traced"
+        assert first.tokens == again.tokens == eager.tokens
+        assert sorted(p.name for p in tmp_path.iterdir()) == stored
+    finally:
+        forget_compiled(target)  # the other tests' regions use the default store
+
+
+def test_a_stored_function_runs_only_where_its_key_and_guards_hold(tmp_path, monkeypatch):
+    """A stored function is never run on what it was not traced for: another dtype, an edited model code or another
+    row-invariance setting names another file (so a stale entry is never loaded), and inputs its guards refuse (here
+    float64 where it traced float32) run a fresh trace instead, with the eager result."""
+    from gemma4 import kernels
+
+    monkeypatch.setattr(compiled, "precompiled_dir", lambda: tmp_path)
+    module, x = torch.nn.Linear(8, 4), torch.randn(1, 3, 8)
+    function = compiled.layer_function("test_store")
+
+    def region(module):
+        return compiled.Precompiled("test_store", function, compiled.structure(module, rows=1), dynamic=True)
+
+    with torch.inference_mode():
+        first = region(module)
+        torch.testing.assert_close(first(module, x), module(x))
+        assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
+        frames, traced = counters["frames"]["total"], graphs()
+        loaded = region(module)  # a new process's region: loads the file
+        torch.testing.assert_close(loaded(module, 2 * x), module(2 * x))
+        assert counters["frames"]["total"] == frames and graphs() == traced
+        double = torch.nn.Linear(8, 4).double()
+        torch.testing.assert_close(loaded(double, x.double()), double(x.double()))
+        assert graphs() == traced + 1, "the float64 call was traced, not run through the float32 function"
+
+    assert region(double).path != first.path
+    kernels.set_row_invariant_float32(not kernels.row_invariant_float32())
+    try:
+        assert region(module).path != first.path
+    finally:
+        kernels.set_row_invariant_float32(not kernels.row_invariant_float32())
+    assert region(module).path == first.path
+    monkeypatch.setattr(compiled, "source_digest", lambda: "edited")
+    assert region(module).path != first.path
 
 
 def test_compiled_sampling_with_a_seed_equals_eager():
