@@ -34,14 +34,14 @@ the temporary directory, or $TORCHINDUCTOR_CACHE_DIR), but that alone leaves a s
 again through dynamo and AOTAutograd (46-56 s for the bundled pair on 2 cores; torch's `save_cache_artifacts` /
 `load_cache_artifacts` move the same entries and do not skip the tracing). So on the CPU each region is compiled
 ahead of time (`Precompiled`: dynamo's `aot_compile`) and stored, guards and all, in `precompiled_dir()`, a folder
-inside `cache_dir()`; a later process loads the stored functions and traces nothing (bundled pair: 2-3 s of
-warm-up; BENCHMARKS.md, section 11). A stored function runs only on inputs its guards accept (others are traced as
-before), and its file name holds a digest of the model code, torch, Python and the module switches, so an edit or an
-upgrade stores a new entry and never loads a stale one. Delete `precompiled_dir()` to make the next process trace
-again, `cache_dir()` to start cold. The files are pickles written by torch, which run code when they are loaded:
-only this module writes and reads them, under names it derives, in that folder (the project's weights are read from
-safetensors only); never copy files there from elsewhere. On CUDA the regions are compiled in every process, as
-CUDA graphs (`mode="reduce-overhead"`) are not stored.
+inside `cache_dir()`; a later process loads the stored functions and traces nothing (bundled pair: 3 s of warm-up
+against 46-56 s; BENCHMARKS.md, section 11). A stored function runs only on inputs its guards accept (others are
+traced as before), and its file name holds a digest of the model code, torch, Python and the module switches, so an
+edit or an upgrade stores a new entry and never loads a stale one. Delete `precompiled_dir()` to make the next
+process trace again, `cache_dir()` to start cold. The files are pickles written by torch, which run code when they
+are loaded: only this module writes and reads them, under names it derives, in that folder (the project's weights
+are read from safetensors only); never copy files there from elsewhere. On CUDA the regions are compiled in every
+process, as CUDA graphs (`mode="reduce-overhead"`) are not stored.
 
 The models' `functools.cache` helpers (constants such as RoPE's inverse frequencies, made once for eager mode) are
 pure functions of their arguments, so dynamo may trace through their cache: `allow_cached_helpers` tells it so, and
@@ -199,8 +199,8 @@ def storable_guards(entries) -> list[bool]:
     """Which of a graph's guards a stored function keeps: those a new process can check. torch's default for
     ahead-of-time compilation also drops every guard on a global, and with them the module switches the layers
     read (`gemma4.kernels.set_row_invariant_float32`, `gemma4.generic.generic_path`); these are kept. Dropped:
-    identities (of objects, functions, modules), which a new process cannot match, and the builtins' dict, which
-    a loaded function cannot look up."""
+    identities (of objects, functions, modules), which a new process cannot match (the code they stand for is in
+    the file name's digest, `store_key`), and the builtins' dict, which a loaded function cannot look up."""
     from torch._dynamo.guards import CheckFunctionManager
 
     unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES

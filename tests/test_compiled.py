@@ -97,7 +97,7 @@ def forget_compiled(target) -> None:
 def test_a_second_process_loads_the_stored_functions_and_traces_nothing(tmp_path, monkeypatch):
     """The precompile store (speculative/compiled.py): a first process compiles each region ahead of time and
     stores it; a second one (dynamo reset, the regions forgotten) loads every region from the store, traces no
-    frame and compiles no graph, and gives the eager tokens."""
+    graph, and gives the eager tokens."""
     target, drafter = small_pair()
     ids = prompt(30, seed=7)
     options = dict(max_new_tokens=12, num_draft_tokens=3, stop_token_ids=[])
@@ -109,9 +109,9 @@ def test_a_second_process_loads_the_stored_functions_and_traces_nothing(tmp_path
         stored = sorted(p.name for p in tmp_path.iterdir())
         assert len(stored) == 5, stored  # 2 kinds x (one token, 2+ tokens), the drafter
         forget_compiled(target)
-        frames, traced = counters["frames"]["total"], graphs()
+        traced = graphs()
         again = generate(target, drafter, ids, compile=True, **options)
-        assert counters["frames"]["total"] == frames and graphs() == traced, "the second process traced"
+        assert graphs() == traced, "the second process traced"
         assert first.tokens == again.tokens == eager.tokens
         assert sorted(p.name for p in tmp_path.iterdir()) == stored
     finally:
@@ -126,6 +126,7 @@ def test_a_stored_function_runs_only_where_its_key_and_guards_hold(tmp_path, mon
 
     monkeypatch.setattr(compiled, "precompiled_dir", lambda: tmp_path)
     module, x = torch.nn.Linear(8, 4), torch.randn(1, 3, 8)
+    double, x2 = torch.nn.Linear(8, 4).double(), torch.randn(1, 5, 8)  # made outside inference mode, as `module`
     function = compiled.layer_function("test_store")
 
     def region(module):
@@ -135,11 +136,10 @@ def test_a_stored_function_runs_only_where_its_key_and_guards_hold(tmp_path, mon
         first = region(module)
         torch.testing.assert_close(first(module, x), module(x))
         assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
-        frames, traced = counters["frames"]["total"], graphs()
+        traced = graphs()
         loaded = region(module)  # a new process's region: loads the file
-        torch.testing.assert_close(loaded(module, 2 * x), module(2 * x))
-        assert counters["frames"]["total"] == frames and graphs() == traced
-        double = torch.nn.Linear(8, 4).double()
+        torch.testing.assert_close(loaded(module, x2), module(x2))
+        assert graphs() == traced, "the loaded function traced"
         torch.testing.assert_close(loaded(double, x.double()), double(x.double()))
         assert graphs() == traced + 1, "the float64 call was traced, not run through the float32 function"
 
