@@ -209,7 +209,7 @@ def test_auto_never_drafts_when_the_drafter_cannot_pay_however_good_its_drafts()
 def test_auto_settles_on_the_optimum_of_the_acceptance_it_sees():
     """Drafts 1 and 2 always accepted, 3 never: the optimum of E(k) / (0.2 k + 1) with alpha = (1, 1, 0, ...) is
     k = 2 (E = 3; k = 3 adds no token and costs 0.2). (With a far cheaper drafter the estimate of alpha_3, which
-    never falls below ~0.1 with 2 pseudo-trials against ~10 rounds of memory, can tip it to 3 at a cost of ~1%.)"""
+    never falls below ~0.2 with 4 pseudo-trials against ~10 rounds of memory, can tip it to 3 at a cost of ~1%.)"""
     result, _, ref = run("e2b", first(2), 90, num_draft_tokens=6, schedule="auto",
                          costs=FixedCosts(0.2, lambda T: 1.0))
     assert result.tokens == ref
