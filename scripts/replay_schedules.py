@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from speculative import generate_batch  # noqa: E402
-from speculative.schedule import AutoPlanner, MeasuredCosts  # noqa: E402
+from speculative.schedule import AutoPlanner, MeasuredCosts, fit_line  # noqa: E402
 
 BATCHES = (1, 4, 8, 16)
 COST_BATCHES = (1, 2, 4, 8, 16)
@@ -64,7 +64,7 @@ def accepted_counts(target, drafter, prompts: list[list[int]], new: int, k_max: 
 
 def round_costs(target, drafter, prompts: list[list[int]], k_max: int, repeats: int) -> dict[int, list[float]]:
     """{B: [seconds of a round with k drafts, k = 0..k_max]}: medians of `repeats` interleaved generations (rows
-    kept, so that B stays), smoothed to the least-squares line in k."""
+    kept, so that B stays), smoothed to the least-squares line in k (never falling: `fit_line`)."""
     samples: dict[tuple[int, int], list[float]] = {}
     for _ in range(repeats):
         for batch in COST_BATCHES:
@@ -76,11 +76,8 @@ def round_costs(target, drafter, prompts: list[list[int]], k_max: int, repeats: 
                 samples.setdefault((batch, k), []).append(stats.decode_seconds / len(stats.draft_lengths))
     costs = {}
     for batch in COST_BATCHES:
-        ys = [statistics.median(samples[batch, k]) for k in range(k_max + 1)]
-        mean_k, mean_y = k_max / 2, statistics.mean(ys)
-        slope = sum((k - mean_k) * (y - mean_y) for k, y in enumerate(ys)) / sum(
-            (k - mean_k) ** 2 for k in range(k_max + 1))
-        costs[batch] = [mean_y + slope * (k - mean_k) for k in range(k_max + 1)]
+        line = fit_line({k: (statistics.median(samples[batch, k]), 1) for k in range(k_max + 1)})
+        costs[batch] = [line(k) for k in range(k_max + 1)]
     return costs
 
 
@@ -90,8 +87,9 @@ def record(args) -> dict:
 
     torch.set_num_threads(args.threads)
     models = ROOT / "tiny_gemma4"
-    target = load_target(models / "target", dtype=getattr(torch, args.dtype))
-    drafter = load_drafter(models / "drafter", target=target)
+    dtype = getattr(torch, args.dtype)
+    target = load_target(models / "target", dtype=dtype)
+    drafter = load_drafter(models / "drafter", target=target, dtype=dtype)
     prompts = {"code": held_out_prompts(models, max(BATCHES), args.prompt),
                "prose": prose_prompts(models, max(BATCHES), args.prompt)}
     load = [os.getloadavg()[0]]

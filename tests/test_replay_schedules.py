@@ -4,7 +4,6 @@ the loop's bookkeeping. The oracle is the loop itself: on the bundled pair, the 
 `auto` (both fed the same fixed costs) accept, row by row and round by round, what `generate_batch` accepts."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from speculative import generate_batch
 from weights import load_drafter, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 _spec = importlib.util.spec_from_file_location("replay_schedules", ROOT / "scripts" / "replay_schedules.py")
 replay_schedules = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(replay_schedules)
