@@ -13,8 +13,9 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
 - **Costs** (`MeasuredCosts`): a drafter step as a function of the rows B it drafts for, and the rest of a round
   (the verify pass, acceptance, the host sync, the bookkeeping) as a function of B and the verify length k + 1.
   Both are medians of the latest rounds of this process with this target and drafter, timed around the phases the
-  loop runs anyway (`RoundClock`: no extra host sync; on CUDA the drafting phase is timed with events that the
-  round's one sync completes). A (B, k + 1) with fewer rounds than half of SAMPLES_KEPT takes the least-squares line
+  loop runs anyway (`RoundClock`: no extra host sync; on the CPU the calling thread's CPU time, which the load of
+  other programs does not inflate; on CUDA the drafting phase is timed with events that the round's one sync
+  completes). A (B, k + 1) with fewer rounds than half of SAMPLES_KEPT takes the least-squares line
   in k + 1 through that B's medians instead (on a busy machine a few rounds are noisy; the line pools them), and a
   B measured at fewer than two lengths the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median
   (a cost per row, such as its cache and bookkeeping, and one per token row; the line in T = B (k + 1) alone while
@@ -278,14 +279,25 @@ def measured_costs(target, drafter, compiled: bool) -> MeasuredCosts:
 
 
 class RoundClock:
-    """Times a round's drafting and the rest of it without a host sync of its own: host clock readings, and on CUDA
-    events around the drafting (queued work; read after the round's sync, which completes them)."""
+    """Times a round's drafting and the rest of it without a host sync of its own.
+
+    On the CPU it reads the calling thread's CPU time (`time.thread_time`), not the wall clock. On a machine that
+    other programs share, a round's wall time also holds the time this thread waited for a core: that depends on
+    the others' load, not on k, and it drifts over minutes, so a length measured in a busy minute looked dearer
+    than one measured in a quiet one, and `auto` never went back to it (scripts/replay_schedules.py; BENCHMARKS.md,
+    section 10). The thread's CPU time leaves the wait out: one generation repeated at 1 thread beside two other
+    busy processes spread 13-20 % (coefficient of variation) in wall time and 2-3 % in CPU time. With several
+    intra-op threads the calling thread does its share of each op and waits at the op's end for the others, so
+    its CPU time still follows the op's duration. On CUDA the drafting phase is timed with events (queued work,
+    read after the round's sync, which completes them) and the rest with the host clock (the host waits for the
+    device there)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.now = time.perf_counter if self.cuda else time.thread_time
 
     def start(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0 = self.now()
         if self.cuda:
             self.e0 = torch.cuda.Event(enable_timing=True)
             self.e0.record()
@@ -295,11 +307,11 @@ class RoundClock:
             self.e1 = torch.cuda.Event(enable_timing=True)
             self.e1.record()
         else:
-            self.t1 = time.perf_counter()
+            self.t1 = self.now()
 
     def stop(self) -> tuple[float, float]:
         """(drafting seconds, rest seconds); call after the round's host sync."""
-        total = time.perf_counter() - self.t0
+        total = self.now() - self.t0
         drafting = self.e0.elapsed_time(self.e1) / 1000 if self.cuda else self.t1 - self.t0
         return drafting, max(total - drafting, 0.0)
 

@@ -12,6 +12,7 @@ output law under sampling with a chi-square test (tests/test_sampling_lossless.p
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ import torch
 from speculative import generate
 from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_DRAFT_TOKENS, PRIOR_WEIGHT, PROBE_AFTER,
                                   PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, Acceptance, AutoPlanner, FixedCosts,
-                                  MeasuredCosts, best_draft_length, fit_line, fit_plane)
+                                  MeasuredCosts, RoundClock, best_draft_length, fit_line,
+                                  fit_plane)
 from tests.test_sampling_lossless import (GOOD_P, TableDrafter, chi_square_p_value, exact_joint_t2_t3,
                                           sample_t2_t3)
 from tests.test_sampling_lossless import target as target  # noqa: F401 (the fixture)
@@ -92,6 +94,24 @@ def test_measured_costs_drop_each_shapes_first_round_and_fit_a_line():
     costs.add(2, 2, 2 * step(2), 6.0)
     assert costs.rest(2, 2) == pytest.approx(5.5) and costs.rest(2, 5) == pytest.approx(6.0)
     assert fit_line({1: (5.0, 3), 2: (4.0, 1)})(7) == pytest.approx(4.75)  # a falling fit: flat at the mean
+
+
+def test_the_cpu_round_clock_counts_this_threads_work_and_not_its_waits():
+    """A wait for a core (another program's turn) is time this thread does not run, as in a sleep: the clock that
+    times `auto`'s rounds on the CPU leaves it out, while the wall clock counts it."""
+    clock = RoundClock(torch.device("cpu"))
+    x = torch.randn(256, 256)
+    clock.start()
+    wall = time.perf_counter()
+    busy = time.thread_time()
+    while time.thread_time() - busy < 0.05:  # at least 50 ms of this thread's work
+        x = torch.tanh(x @ x / 256)
+    clock.drafted()
+    time.sleep(0.2)
+    drafting, rest = clock.stop()
+    assert time.perf_counter() - wall >= 0.25
+    assert 0.05 <= drafting < 0.2
+    assert rest < 0.02
 
 
 def test_a_batch_size_without_its_own_line_takes_the_plane_through_all_batch_sizes():
