@@ -1023,9 +1023,11 @@ def prose_prompts(models: Path, count: int, length: int) -> list[list[int]]:
     return prompts[:count]
 
 
-def decode_rate(results) -> float:
-    """A batch's decode tokens per second: every row's decode tokens over the longest row's decode seconds."""
-    return sum(r.stats.decode_tokens for r in results) / max(r.stats.decode_seconds for r in results)
+def decode_rate(results, cpu: bool = False) -> float:
+    """A batch's decode tokens per second: every row's decode tokens over the longest row's decode seconds (`cpu`:
+    the generating thread's CPU seconds, which other programs' load does not inflate)."""
+    seconds = max(r.stats.decode_cpu_seconds if cpu else r.stats.decode_seconds for r in results)
+    return sum(r.stats.decode_tokens for r in results) / seconds
 
 
 def section_schedules(args, q: dict) -> list[str]:
@@ -1074,6 +1076,7 @@ def section_schedules(args, q: dict) -> list[str]:
                         want = want or [r.tokens for r in out]
                         assert [r.tokens for r in out] == want, f"{cell} {label}: outputs differ from the others"
                         rates.setdefault(label, []).append(decode_rate(out))
+                        rates.setdefault(f"{label} {CPU}", []).append(decode_rate(out, cpu=True))
                         if label == "auto":
                             ks += [k for r in out for k in r.stats.draft_lengths]
                 for label, values in rates.items():
@@ -1086,6 +1089,9 @@ def section_schedules(args, q: dict) -> list[str]:
     raw.write_text(json.dumps({"cfg": cfg, "load": load, "curves": curves,
                                "results": [[list(key[0]), key[1], value] for key, value in results.items()]}))
     return render_schedules(results, cfg, load, curves, args)
+
+
+CPU = "(cpu)"  # the results' label of a schedule's rates in CPU time
 
 
 def held_out_best(runs: dict[int, list[float]]) -> tuple[float, int, int]:
@@ -1126,26 +1132,48 @@ def render_schedules(runs: dict, cfg: dict, load: list[float], curves: dict, arg
              "| dtype | prompts | B | target only | " + " | ".join(f"N={n}" for n in ns) + " | heuristic | auto "
              "(mean k) | auto / target only | auto / best N (held out) | auto / largest median |",
              "|---" * (9 + len(ns)) + "|"]
+
+    def ratios(cell, suffix=""):
+        """auto / target only, auto / best N (held out), auto / largest median; the chosen N's."""
+        auto = results[cell, "auto" + suffix]
+        best, n1, n2 = held_out_best({n: runs[cell, f"N={n}{suffix}"] for n in ns})
+        top_n = max(ns, key=lambda n: results[cell, f"N={n}{suffix}"])
+        return (auto / results[cell, "target only" + suffix], auto / best,
+                auto / results[cell, f"N={top_n}{suffix}"], n1, n2, top_n)
+
+    cells = [(d, scenario, b) for d in cfg["dtypes"] for scenario in ("code", "prose", "costly drafter, code")
+             for b in batches]
     worst = {"target": (9.0, None), "best": (9.0, None), "largest": (9.0, None)}
-    for dtype_name in cfg["dtypes"]:
-        for scenario in ("code", "prose", "costly drafter, code"):
-            for b in batches:
-                cell = (dtype_name, scenario, b)
-                base, auto = results[cell, "target only"], results[cell, "auto"]
-                best, n1, n2 = held_out_best({n: runs[cell, f"N={n}"] for n in ns})
-                top_n = max(ns, key=lambda n: results[cell, f"N={n}"])
-                r1, r2, r3 = auto / base, auto / best, auto / results[cell, f"N={top_n}"]
-                for name, r in (("target", r1), ("best", r2), ("largest", r3)):
-                    worst[name] = min(worst[name], (r, cell))
-                chosen = f"N={n1}" if n1 == n2 else f"N={n1}, {n2}"
-                lines.append(f"| {dtype_name} | {scenario} | {b} | {base:.1f} | "
-                             + " | ".join(f"{results[cell, f'N={n}']:.1f}" for n in ns)
-                             + f" | {results[cell, 'heuristic']:.1f} | {auto:.1f} ({results[cell, 'auto k']:.1f}) | "
-                             f"{r1:.2f} | {r2:.2f} ({chosen}) | {r3:.2f} (N={top_n}) |")
+    for cell in cells:
+        dtype_name, scenario, b = cell
+        base, auto = results[cell, "target only"], results[cell, "auto"]
+        r1, r2, r3, n1, n2, top_n = ratios(cell)
+        for name, r in (("target", r1), ("best", r2), ("largest", r3)):
+            worst[name] = min(worst[name], (r, cell))
+        chosen = f"N={n1}" if n1 == n2 else f"N={n1}, {n2}"
+        lines.append(f"| {dtype_name} | {scenario} | {b} | {base:.1f} | "
+                     + " | ".join(f"{results[cell, f'N={n}']:.1f}" for n in ns)
+                     + f" | {results[cell, 'heuristic']:.1f} | {auto:.1f} ({results[cell, 'auto k']:.1f}) | "
+                     f"{r1:.2f} | {r2:.2f} ({chosen}) | {r3:.2f} (N={top_n}) |")
     (r1, c1), (r2, c2), (r3, c3) = worst["target"], worst["best"], worst["largest"]
     lines += ["", f"**Worst cells:** auto / target-only {r1:.2f} ({', '.join(map(str, c1))}; target >= 0.97), "
               f"auto / best constant N {r2:.2f} ({', '.join(map(str, c2))}; target >= 0.95); against the largest "
               f"median of the eight N, {r3:.2f} ({', '.join(map(str, c3))})."]
+    if all((cell, f"auto {CPU}") in results for cell in cells):
+        lines += ["", "The same runs timed in the generating thread's CPU seconds (`stats.decode_cpu_seconds`) instead "
+                  "of wall seconds: what a core of its own would give, which the load of other programs on this "
+                  "shared machine does not inflate (the run-to-run spread of wall time here is up to 15 %, more "
+                  "than the margins of the two targets). auto / target only, auto / best N (held out):", ""]
+        cpu = {cell: ratios(cell, " " + CPU) for cell in cells}
+        lines += ["| dtype | prompts | " + " | ".join(f"B = {b}" for b in batches) + " |",
+                  "|---" * (2 + len(batches)) + "|"]
+        for d in cfg["dtypes"]:
+            for scenario in ("code", "prose", "costly drafter, code"):
+                lines.append(f"| {d} | {scenario} | " + " | ".join(
+                    f"{cpu[d, scenario, b][0]:.2f}, {cpu[d, scenario, b][1]:.2f}" for b in batches) + " |")
+        (t1, c1), (t2, c2) = (min((cpu[c][i], c) for c in cells) for i in (0, 1))
+        lines += ["", f"**Worst cells in CPU time:** auto / target-only {t1:.2f} ({', '.join(map(str, c1))}), "
+                  f"auto / best constant N {t2:.2f} ({', '.join(map(str, c2))})."]
     lines += plot_schedules(results, cfg, curves, args)
     return lines
 

@@ -258,6 +258,7 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
             if emitted[-1] in stops or len(row.out) >= max_new_tokens:
                 row.done = True
                 row.stats.decode_seconds = decode.since_start()
+                row.stats.decode_cpu_seconds = decode.cpu_since_start()
         new_token, new_h = commit(cache, hidden, bonus, back, n)
         if planner is not None:
             planner.finish(B, k)

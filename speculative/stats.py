@@ -47,6 +47,9 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     compile_seconds: float = 0.0  # generate(..., compile=True): compiling the steps' shapes, before decoding
     decode_seconds: float = 0.0
+    # the calling thread's CPU seconds over the same span: on a CPU that other programs share, the decode's cost
+    # without the time it waited for a core (scripts/benchmark.py times the schedules with both)
+    decode_cpu_seconds: float = 0.0
 
     @property
     def drafted(self) -> int:
@@ -103,9 +106,14 @@ class Stopwatch:
     def __init__(self, device: torch.device):
         self.device = device
         self.start = self.last = self._now()
+        self.cpu_start = time.thread_time()
 
     def since_start(self) -> float:
         return self._now() - self.start
+
+    def cpu_since_start(self) -> float:
+        """The calling thread's CPU seconds since the watch started (time.thread_time)."""
+        return time.thread_time() - self.cpu_start
 
     def lap(self) -> float:
         now = self._now()

@@ -314,6 +314,7 @@ def test_statistics_are_consistent_and_json_ready():
     assert d["rounds"] == [[4, 2]] * 4 + [[2, 2]]
     assert d["target_forward_passes"] == 6 and d["drafter_steps"] == 18 and d["prompt_tokens"] == len(PROMPT)
     assert s.prefill_seconds > 0 and s.decode_seconds > 0
+    assert 0 < s.decode_cpu_seconds <= s.decode_seconds * 1.05  # one thread's CPU time cannot outrun the clock
     assert d["tokens_per_second"] == pytest.approx(15 / s.decode_seconds)
     assert d["prefill_tokens_per_second"] == pytest.approx(len(PROMPT) / s.prefill_seconds)
     assert d["acceptance_rate"] == 10 / 18 and d["mean_tokens_per_pass"] == 3.0
