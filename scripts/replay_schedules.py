@@ -14,7 +14,8 @@ schedule's tokens/s depends on is not noisy at all:
   of the prompt and the first p - 1 new tokens: prefill and decode give the same bits, docs/loop.md);
 - a round's seconds depend on the batch's rows B and on k alone: measured once per (B, k), as the median of
   interleaved repeats and then the least-squares line in k per B (a line, because each extra draft adds one drafter
-  step and one verify row).
+  step and one verify row). The seconds are the generating thread's CPU time, as `auto` times its rounds, so that
+  other programs' load does not enter the recording.
 A replay then runs each schedule's own decisions (the real `AutoPlanner` for `auto`, with the recorded costs in
 place of its measured ones) against those counts and costs, in arithmetic: every cell's tokens/s without noise, so
 that what `auto` loses to the best constant N is the policy's loss, not the machine's. What it leaves out is what
@@ -64,7 +65,9 @@ def accepted_counts(target, drafter, prompts: list[list[int]], new: int, k_max: 
 
 def round_costs(target, drafter, prompts: list[list[int]], k_max: int, repeats: int) -> dict[int, list[float]]:
     """{B: [seconds of a round with k drafts, k = 0..k_max]}: medians of `repeats` interleaved generations (rows
-    kept, so that B stays), smoothed to the least-squares line in k (never falling: `fit_line`)."""
+    kept, so that B stays), smoothed to the least-squares line in k (never falling: `fit_line`). Seconds of the
+    generating thread's CPU time, as `auto` measures its rounds (speculative/schedule.py, `RoundClock`): other
+    programs' load does not enter the recording."""
     samples: dict[tuple[int, int], list[float]] = {}
     for _ in range(repeats):
         for batch in COST_BATCHES:
@@ -73,7 +76,7 @@ def round_costs(target, drafter, prompts: list[list[int]], k_max: int, repeats: 
                                      max_new_tokens=4 * (k + 1) + 2, stop_token_ids=[], finished="keep",
                                      schedule="constant", num_draft_tokens=max(k, 1))
                 stats = out[0].stats
-                samples.setdefault((batch, k), []).append(stats.decode_seconds / len(stats.draft_lengths))
+                samples.setdefault((batch, k), []).append(stats.decode_cpu_seconds / len(stats.draft_lengths))
     costs = {}
     for batch in COST_BATCHES:
         line = fit_line({k: (statistics.median(samples[batch, k]), 1) for k in range(k_max + 1)})
