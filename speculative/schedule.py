@@ -290,11 +290,11 @@ class RoundClock:
     intra-op threads the calling thread does its share of each op and waits at the op's end for the others, so
     its CPU time still follows the op's duration. On CUDA the drafting phase is timed with events (queued work,
     read after the round's sync, which completes them) and the rest with the host clock (the host waits for the
-    device there)."""
+    device there); other devices use the host clock throughout."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.now = time.perf_counter if self.cuda else time.thread_time
+        self.now = time.thread_time if device.type == "cpu" else time.perf_counter
 
     def start(self) -> None:
         self.t0 = self.now()
