@@ -37,11 +37,12 @@ ahead of time (`Precompiled`: dynamo's `aot_compile`) and stored, guards and all
 inside `cache_dir()`; a later process loads the stored functions and traces nothing (bundled pair: 3 s of warm-up
 against 46-56 s; BENCHMARKS.md, section 11). A stored function runs only on inputs its guards accept (others are
 traced as before), and its file name holds a digest of the model code, torch, Python and the module switches, so an
-edit or an upgrade stores a new entry and never loads a stale one. Delete `precompiled_dir()` to make the next
-process trace again, `cache_dir()` to start cold. The files are pickles written by torch, which run code when they
-are loaded: only this module writes and reads them, under names it derives, in that folder (the project's weights
-are read from safetensors only); never copy files there from elsewhere. On CUDA the regions are compiled in every
-process, as CUDA graphs (`mode="reduce-overhead"`) are not stored.
+edit or an upgrade stores a new entry and never loads a stale one; entries that no process wrote or loaded for 30
+days are deleted whenever a new one is stored (`prune_store`), so old versions do not pile up. Delete
+`precompiled_dir()` to make the next process trace again, `cache_dir()` to start cold. The files are pickles written
+by torch, which run code when they are loaded: only this module writes and reads them, under names it derives, in
+that folder (the project's weights are read from safetensors only); never copy files there from elsewhere. On CUDA
+the regions are compiled in every process, as CUDA graphs (`mode="reduce-overhead"`) are not stored.
 
 The models' `functools.cache` helpers (constants such as RoPE's inverse frequencies, made once for eager mode) are
 pure functions of their arguments, so dynamo may trace through their cache: `allow_cached_helpers` tells it so, and
@@ -53,7 +54,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -180,6 +184,7 @@ class Precompiled:
         if self.path.exists():
             with open(self.path, "rb") as file:
                 self.stored = torch.compiler.load_compiled_function(file)
+            os.utime(self.path)  # in use: `prune_store` keeps it
             return self.stored
         # A float argument becomes a constant: the ahead-of-time tracer cannot restart a trace that turned one
         # into a tensor. Each symbolic size gets a symbol of its own: one graph serves every size, and a token
@@ -192,7 +197,26 @@ class Precompiled:
             self.stored = compiler.aot_compile((args, {}))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stored.save_compiled_function(str(self.path))  # written to a temporary file, then renamed
+        prune_store(self.path.parent)
         return self.stored
+
+
+STORE_KEEP_DAYS = 30  # a stored function neither written nor loaded for this long is deleted
+STORE_NAME = re.compile(r"[\w.-]+-[0-9a-f]{20}\.pt2")  # `Precompiled.path`: region name, `store_key` digest
+
+
+def prune_store(folder: Path, now: float | None = None) -> list[Path]:
+    """Delete the stored functions of `folder` that no process wrote or loaded for STORE_KEEP_DAYS (a load touches
+    its file), and return them. Each edit of the model code, torch upgrade or new dtype writes new entries (their
+    names' digests differ) and leaves the old ones unused: without this the folder would grow with every
+    checkout. Runs whenever a new entry is stored; only files named as this module names them are touched."""
+    cutoff = (time.time() if now is None else now) - STORE_KEEP_DAYS * 86400
+    gone = []
+    for path in folder.glob("*.pt2"):
+        if STORE_NAME.fullmatch(path.name) and path.stat().st_mtime < cutoff:
+            path.unlink(missing_ok=True)  # another process may have pruned it first
+            gone.append(path)
+    return gone
 
 
 def storable_guards(entries) -> list[bool]:

@@ -10,6 +10,8 @@ matrix: every tiny family pair and the bundled pair, both schedules, sampling, a
 from __future__ import annotations
 
 import functools
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -137,8 +139,10 @@ def test_a_stored_function_runs_only_where_its_key_and_guards_hold(tmp_path, mon
         torch.testing.assert_close(first(module, x), module(x))
         assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
         traced = graphs()
+        os.utime(first.path, (0, 0))  # as if unused since 1970: the load below marks it as in use
         loaded = region(module)  # a new process's region: loads the file
         torch.testing.assert_close(loaded(module, x2), module(x2))
+        assert time.time() - first.path.stat().st_mtime < 60
         assert graphs() == traced, "the loaded function traced"
         torch.testing.assert_close(loaded(double, x.double()), double(x.double()))
         assert graphs() == traced + 1, "the float64 call was traced, not run through the float32 function"
@@ -152,6 +156,20 @@ def test_a_stored_function_runs_only_where_its_key_and_guards_hold(tmp_path, mon
     assert region(module).path == first.path
     monkeypatch.setattr(compiled, "source_digest", lambda: "edited")
     assert region(module).path != first.path
+
+
+def test_the_store_deletes_only_its_own_entries_unused_for_a_month(tmp_path):
+    """`prune_store`: an entry neither written nor loaded for STORE_KEEP_DAYS goes, a recent one and files the store
+    did not name stay."""
+    now = time.time()
+    old_entry, recent_entry = tmp_path / f"drafter-{'a' * 20}.pt2", tmp_path / f"drafter-{'b' * 20}.pt2"
+    foreign = [tmp_path / "notes.pt2", tmp_path / f"drafter-{'c' * 20}.txt"]
+    for path in (old_entry, recent_entry, *foreign):
+        path.write_bytes(b"")
+        age = compiled.STORE_KEEP_DAYS + 1 if path != recent_entry else compiled.STORE_KEEP_DAYS - 1
+        os.utime(path, (now - age * 86400, now - age * 86400))
+    assert compiled.prune_store(tmp_path, now) == [old_entry]
+    assert sorted(tmp_path.iterdir()) == sorted([recent_entry, *foreign])
 
 
 def test_compiled_sampling_with_a_seed_equals_eager():
