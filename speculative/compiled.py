@@ -63,6 +63,8 @@ from pathlib import Path
 
 import torch
 
+from gemma4.model import ModelOutput
+
 
 def cache_dir() -> str:
     """Where inductor keeps compiled kernels between processes (set TORCHINDUCTOR_CACHE_DIR before starting
@@ -90,22 +92,29 @@ class CompiledSteps:
         allow_cached_helpers()
 
         self._mode = mode
-        self._layers: dict[tuple, object] = {}  # (kind of layer, one token?, one row?) -> its compiled function
+        self._layers: dict[tuple, object] = {}  # (kind of layer, one row?) -> its compiled function
         self._run_step = target.run_step
         self._drafter = drafter
         if drafter is not None:
             self._drafter_step = region("drafter", drafter_step, drafter, dynamic=False, mode=mode)
 
     def forward(self, input_ids: torch.Tensor, cache):
-        """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static)."""
+        """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static). One token
+        runs as two, the token and a copy of it that is forgotten at once: the graphs of 2+ tokens serve every
+        pass, and no graph of one token is compiled (module docstring)."""
         S = input_ids.shape[1]
-        return self._run_step(input_ids, cache.begin(S), cache, S, run_layer=self._run_layer)
+        if S > 1:
+            return self._run_step(input_ids, cache.begin(S), cache, S, run_layer=self._run_layer)
+        out = self._run_step(input_ids.expand(-1, 2).contiguous(), cache.begin(2), cache, 2,
+                             run_layer=self._run_layer)  # [B, 2, V], [B, 2, H]
+        cache.rollback(1)
+        return ModelOutput(out.logits[:, :1], out.hidden_states[:, :1])
 
     def _run_layer(self, layer, x, *inputs):
         """layer(x, *inputs) through the compiled function of its kind and token count (`layer_function`)."""
         spec = layer.self_attn.spec
         key = (spec.attention_type, spec.head_dim, spec.num_kv_heads, spec.kv_mode == "reuse", spec.has_v_proj,
-               spec.mlp_width, x.shape[1] == 1, x.shape[0] == 1)
+               spec.mlp_width, x.shape[0] == 1)
         compiled = self._layers.get(key)
         if compiled is None:
             name = "_".join(map(str, key[:-1]))  # the rows belong to the store's key, not to dynamo's code object
