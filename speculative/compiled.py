@@ -12,20 +12,25 @@ Regional compilation: the target is compiled one decoder layer at a time (`Gemma
 run_layer=...)`). dynamo keeps a graph per set of guards, and the guards see only what a layer's code reads: its kind
 (attention type, owning or reusing K/V, widths) and the shapes and dtypes of its tensors, never its index (a layer
 reads its cache slot through a `LayerKV`, which holds the buffers, and every owning layer exports its K/V). So the
-bundled target's 24 layers compile 4 kinds x 2 token counts = 8 graphs, not 24 layers' worth of code, and a deeper
-model of the same kinds compiles nothing new. Each kind and token count calls a compiled function of its own
-(`layer_function`, one per process, shared by every model), so that a call finds its graph without trying the
-other kinds' guards. The embedding, per-layer inputs, rotary tables and head (a few dozen ops) run eagerly between
+bundled target's 24 layers compile 4 graphs (4 kinds) for a speculative generation, not 24 layers' worth of code,
+and a deeper model of the same kinds compiles nothing new. Each kind and token count calls a compiled function of
+its own (`layer_function`, one per process, shared by every model), so that a call finds its graph without trying
+the other kinds' guards. The embedding, per-layer inputs, rotary tables and head (a few dozen ops) run eagerly between
 the graphs.
 
-What is compiled, per kind of layer: a graph for one token per row (dynamo specialises size 1) and a graph whose
-token count is symbolic (`dynamic=True`), which serves every verify length 2..K + 1, so a schedule whose draft
-length changes every round (auto, heuristic) compiles nothing after the warm-up (which runs every length); and the
-drafter's forward (one token per row, a fixed shape). Nothing in the layers may test the token count (a test is a
-guard, and a guard a graph per outcome): `linear` and `gelu_tanh` (gemma4/kernels.py) decide by the width under
-compilation. Prefill stays eager: it runs once per prompt, at a length no later call repeats. `fullgraph=True` turns
-any graph break into an error, so a change that breaks compilation fails loudly (tests/test_compiled.py counts
-compiled graphs). On CUDA, `mode="reduce-overhead"` adds CUDA graphs (the cache's buffers are marked as static
+What is compiled, per kind of layer: a graph whose token count is symbolic (`dynamic=True`), which serves every
+verify length 2..K + 1, so a schedule whose draft length changes every round (auto, heuristic) compiles nothing
+after the warm-up (which runs every length); and the drafter's forward (one token per row, a fixed shape). dynamo
+specialises a size of 1, so a pass of one token (auto's rounds without drafts, a budget's last round) would compile
+a graph per kind of its own: with a drafter it runs as two tokens instead, the token and a copy of it that the cache
+forgets at once (`CompiledSteps.forward`). For the bundled pair that leaves a first process 5 regions to compile
+instead of 9 (25 C++ kernels instead of 43), about a quarter less CPU time in its warm-up (BENCHMARKS.md, section
+11), for a one-token pass that costs what a two-token one does (17% fewer tokens/s when every step is one; auto
+runs few). A target-only generation runs one token every step and keeps a graph of one token per kind. Nothing in
+the layers may test the token count (a test is a guard, and a guard a graph per outcome): `linear` and `gelu_tanh`
+(gemma4/kernels.py) decide by the width under compilation. Prefill stays eager: it runs once per prompt, at a
+length no later call repeats. `fullgraph=True` turns any graph break into an error, so a change that breaks
+compilation fails loudly (tests/test_compiled.py counts compiled graphs). On CUDA, `mode="reduce-overhead"` adds CUDA graphs (the cache's buffers are marked as static
 addresses so the graphs write into them in place).
 
 The first call of each shape compiles; `generate` runs those calls before its timed decode loop and reports them as
@@ -92,18 +97,18 @@ class CompiledSteps:
         allow_cached_helpers()
 
         self._mode = mode
-        self._layers: dict[tuple, object] = {}  # (kind of layer, one row?) -> its compiled function
+        self._layers: dict[tuple, object] = {}  # (kind of layer, one token?, one row?) -> its compiled function
         self._run_step = target.run_step
         self._drafter = drafter
         if drafter is not None:
             self._drafter_step = region("drafter", drafter_step, drafter, dynamic=False, mode=mode)
 
     def forward(self, input_ids: torch.Tensor, cache):
-        """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static). One token
-        runs as two, the token and a copy of it that is forgotten at once: the graphs of 2+ tokens serve every
-        pass, and no graph of one token is compiled (module docstring)."""
+        """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static). With a
+        drafter, one token runs as two, the token and a copy of it that is forgotten at once, so that the graphs of
+        2+ tokens serve every pass and no graph of one token is compiled (module docstring)."""
         S = input_ids.shape[1]
-        if S > 1:
+        if S > 1 or self._drafter is None:
             return self._run_step(input_ids, cache.begin(S), cache, S, run_layer=self._run_layer)
         out = self._run_step(input_ids.expand(-1, 2).contiguous(), cache.begin(2), cache, 2,
                              run_layer=self._run_layer)  # [B, 2, V], [B, 2, H]
@@ -114,7 +119,7 @@ class CompiledSteps:
         """layer(x, *inputs) through the compiled function of its kind and token count (`layer_function`)."""
         spec = layer.self_attn.spec
         key = (spec.attention_type, spec.head_dim, spec.num_kv_heads, spec.kv_mode == "reuse", spec.has_v_proj,
-               spec.mlp_width, x.shape[0] == 1)
+               spec.mlp_width, x.shape[1] == 1, x.shape[0] == 1)
         compiled = self._layers.get(key)
         if compiled is None:
             name = "_".join(map(str, key[:-1]))  # the rows belong to the store's key, not to dynamo's code object
