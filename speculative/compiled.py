@@ -30,8 +30,8 @@ runs few). A target-only generation runs one token every step and keeps a graph 
 the layers may test the token count (a test is a guard, and a guard a graph per outcome): `linear` and `gelu_tanh`
 (gemma4/kernels.py) decide by the width under compilation. Prefill stays eager: it runs once per prompt, at a
 length no later call repeats. `fullgraph=True` turns any graph break into an error, so a change that breaks
-compilation fails loudly (tests/test_compiled.py counts compiled graphs). On CUDA, `mode="reduce-overhead"` adds CUDA graphs (the cache's buffers are marked as static
-addresses so the graphs write into them in place).
+compilation fails loudly (tests/test_compiled.py counts compiled graphs). On CUDA, `mode="reduce-overhead"` adds
+CUDA graphs (the cache's buffers are marked as static addresses so the graphs write into them in place).
 
 The first call of each shape compiles; `generate` runs those calls before its timed decode loop and reports them as
 `stats.compile_seconds`. inductor keeps the kernels it compiled on disk (`cache_dir()`: torch's default folder in
