@@ -30,6 +30,9 @@ from .generic import generic, generic_path  # noqa: F401  (generic_path: the swi
 _FEW_TOKENS = 16
 _BLOCKED_WEIGHT = 1 << 14  # 64 KB in float32; below it F.linear is as fast and one op fewer
 _ROW_BLOCKS = 8
+# Under torch.compile, CPU products with a weight of at most this many elements run as a sum of products that inductor
+# compiles into its own loop (see `linear`).
+_FUSED_WEIGHT = 1 << 16  # 256 KB in float32
 # CPU inference products in these dtypes run as oneDNN's inner product, the same kernel for every row count and
 # weight size: see `linear`.
 _ONEDNN_DTYPES = {torch.bfloat16}
@@ -134,6 +137,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             rows = rows.expand(2, inp)  # [2, in]: the 2+ row kernel (a view; oneDNN reads it as it is)
         y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")  # [max(T, 2), out]
         return (y[:1] if tokens == 1 else y).view(*x.shape[:-1], out)
+    # Under torch.compile, a small weight's product as an elementwise product summed over `in`: inductor compiles it
+    # into a loop of its own, next to its neighbours' code, where F.linear calls BLAS (a GEMM of one row costs
+    # ~15 us a call on such weights, mostly its setup; the loop ~5 us). A choice by the weight's size, a constant of
+    # the graph, never by the token count.
+    if (torch.compiler.is_compiling() and weight.numel() <= _FUSED_WEIGHT and x.dtype == torch.float32
+            and x.device.type == "cpu"):
+        y = (x[..., None, :] * weight).sum(-1)  # [..., out]
+        return y if bias is None else y + bias
     # Under torch.compile, F.linear (inductor runs its own choice of GEMM for it): a branch on the token count
     # would give every kind of compiled layer a second graph for verify passes of more than _FEW_TOKENS.
     # is_compiling first: a test of the token count before it would be a guard (verify passes of more than

@@ -153,6 +153,11 @@ def layer_function(name: str):
     return run_layer
 
 
+# inductor's settings for the CPU regions. size_asserts: a compiled graph checks no input's sizes and strides again
+# (dynamo's guards, and a stored function's, check them before every call): about 30 checks in Python per layer call.
+CPU_OPTIONS = {"size_asserts": False, "emulate_precision_casts": True}
+
+
 def region(name: str, function, module, *, dynamic: bool, mode, rows: int = 1):
     """`function(module, ...)` compiled: through the precompile store on the CPU (`Precompiled`), with
     `torch.compile` alone elsewhere (CUDA graphs are not stored)."""
@@ -184,7 +189,8 @@ class Precompiled:
     def __init__(self, name: str, function, structure: str, dynamic: bool):
         self.path = precompiled_dir() / f"{name}-{store_key(name, structure, dynamic)}.pt2"
         self.function, self.dynamic = function, dynamic
-        self.traced = torch.compile(function, fullgraph=True, dynamic=dynamic)  # for inputs the guards refuse
+        self.traced = torch.compile(function, fullgraph=True, dynamic=dynamic,  # for inputs the guards refuse
+                                    options=CPU_OPTIONS)
         self.stored = None
 
     def __call__(self, *args):
@@ -207,7 +213,7 @@ class Precompiled:
         with torch._dynamo.config.patch(specialize_float=True), torch.fx.experimental._config.patch(
                 use_duck_shape=False):
             compiler = torch.compile(self.function, fullgraph=True, dynamic=self.dynamic,
-                                     options={"guard_filter_fn": storable_guards})
+                                     options={**CPU_OPTIONS, "guard_filter_fn": storable_guards})
             self.stored = compiler.aot_compile((args, {}))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stored.save_compiled_function(str(self.path))  # written to a temporary file, then renamed
