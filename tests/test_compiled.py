@@ -226,3 +226,21 @@ def test_compiling_prints_no_warning_about_the_models_cached_helpers():
         warnings.simplefilter("always")
         traced(torch.randn(1, 3, target.config.hidden_size), torch.arange(3))
     assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32 without row invariance"])
+def test_the_bundled_pair_compiled_equals_eager_in_other_settings(dtype):
+    """bfloat16 (inductor keeps fused intermediates in float32 unless told to round them as eager code does) and
+    float32 with the default, faster products (compiled: small products as inductor's own loops)."""
+    from gemma4 import kernels
+
+    kernels.set_row_invariant_float32(False)
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    target = load_target(ROOT / "tiny_gemma4" / "target", dtype=torch_dtype)
+    drafter = load_drafter(ROOT / "tiny_gemma4" / "drafter", target=target, dtype=torch_dtype)
+    # a prompt over the whole vocabulary, on which bfloat16 compiled without rounding its intermediates diverged
+    ids = torch.randint(2, 4000, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    compare(target, None, ids, max_new_tokens=32)
+    for options in ({"num_draft_tokens": 4, "schedule": "constant"}, {"schedule": "heuristic"}):
+        compare(target, drafter, ids, max_new_tokens=32, **options)
