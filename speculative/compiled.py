@@ -155,6 +155,8 @@ def layer_function(name: str):
 
 # inductor's settings for the CPU regions. size_asserts: a compiled graph checks no input's sizes and strides again
 # (dynamo's guards, and a stored function's, check them before every call): about 30 checks in Python per layer call.
+# emulate_precision_casts: a fused kernel rounds each intermediate to the model's dtype where eager code does (else
+# bfloat16 intermediates stay float32 inside a kernel, and compiled tokens drifted from eager ones).
 CPU_OPTIONS = {"size_asserts": False, "emulate_precision_casts": True}
 
 
