@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 
 from gemma4 import CacheError
 from speculative import NumericalError, Session
 from speculative.session import THOUGHT_CLOSE, THOUGHT_OPEN, split_thinking
+
+from cli_common import StopOnInterrupt
 
 COMMANDS = ("/reset", "/stats", "/exit", "/image PATH")
 # What fails one turn and not the conversation (Session.send leaves the session as it was): a message that does not
@@ -145,32 +145,6 @@ def messages(stdin, stdout, note):
             return
         if line.strip():
             yield line.rstrip("\n")
-
-
-class StopOnInterrupt:
-    """Ctrl-C during an answer: the first press asks the loop to stop at its next round (`check` raises
-    KeyboardInterrupt from on_round, a point where the cache's state is known), a second press stops at once.
-    Outside the main thread signals cannot be caught: Ctrl-C then stops at once, as Python's default."""
-
-    def __enter__(self):
-        self.pressed, self._previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
-
-    def check(self) -> None:
-        if self.pressed:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 class ThoughtFilter:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from speculative.options import check_options
 
@@ -65,3 +67,31 @@ def closed_stdout() -> int:
     except (OSError, ValueError):  # stdout without a file descriptor (a test's capture): nothing to redirect
         pass
     return SIGPIPE_STATUS
+
+
+class StopOnInterrupt:
+    """Ctrl-C during a generation: the first press asks the loop to stop at its next round (`check` raises
+    KeyboardInterrupt from on_round, a point where the cache's state is known), a second press stops at once.
+    The handler only sets a flag: a KeyboardInterrupt raised by Python's default handler can land inside a
+    finalizer run by the garbage collector, which prints it as ignored and carries on, and the generation with it.
+    Outside the main thread signals cannot be caught: Ctrl-C then stops at once, as Python's default."""
+
+    def __enter__(self):
+        self.pressed, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False

@@ -42,7 +42,8 @@ from weights.images import image_parts, image_prompt, open_image  # noqa: E402
 from weights.loader import load_vision, parse_device, parse_dtype  # noqa: E402
 
 from cli_common import (  # noqa: E402
-    GENERATION_OPTIONS, Parser, UserError, check_generation_options, closed_stdout, one_line,
+    GENERATION_OPTIONS, Parser, StopOnInterrupt, UserError, check_generation_options, closed_stdout,
+    one_line,
 )
 
 BUNDLED_TARGET = Path(__file__).resolve().parents[1] / "tiny_gemma4" / "target"
@@ -556,9 +557,11 @@ class Interrupted(Exception):
 def run_once(target, drafter, ids, args, options, tokenizer, quiet, image_features=None):
     printer = Printer(tokenizer, args.show_drafts and drafter is not None, quiet)
     try:
-        result = generate(target, drafter, ids, max_new_tokens=args.max_new_tokens,
-                          num_draft_tokens=args.num_draft_tokens, schedule=args.schedule, on_round=printer,
-                          compile=args.compile, image_features=image_features, **options)
+        with StopOnInterrupt() as stop:
+            result = generate(target, drafter, ids, max_new_tokens=args.max_new_tokens,
+                              num_draft_tokens=args.num_draft_tokens, schedule=args.schedule,
+                              on_round=lambda info: (stop.check(), printer(info)), compile=args.compile,
+                              image_features=image_features, **options)
     except KeyboardInterrupt:
         printer.finish()
         raise Interrupted(printer) from None
