@@ -11,21 +11,21 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
 
 `auto`, in three parts:
 - **Costs** (`MeasuredCosts`): a drafter step as a function of the rows B it drafts for, and the rest of a round
-  (the verify pass, acceptance, the host sync, the bookkeeping) as a function of B and the verify length k + 1.
-  Both are medians of the latest rounds of this process with this target and drafter, timed around the phases the
-  loop runs anyway (`RoundClock`: no extra host sync; on the CPU the calling thread's CPU time, which the load of
-  other programs does not inflate; on CUDA the drafting phase is timed with events that the round's one sync
-  completes). A (B, k + 1) with fewer rounds than half of SAMPLES_KEPT takes the least-squares line
-  in k + 1 through that B's medians instead (on a busy machine a few rounds are noisy; the line pools them), and a
-  B measured at fewer than two lengths the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median
-  (a cost per row, such as its cache and bookkeeping, and one per token row; the line in T = B (k + 1) alone while
-  the plane is not determined). A drafter step at a batch size never drafted is the nearest measured size's,
-  scaled as the target's decode step scales between them. Beyond the longest pass measured the lines stay flat: an
-  optimistic guess, which the round that tries it measures (a pessimistic one would never be tried, and never
-  corrected). A process's first rounds with a pair measure what is missing: k = K, then k = 0, twice each (the
-  first time a shape runs holds one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead:
-  then `auto`'s choices depend on past acceptance alone (deterministic: the tests, and seeded sampling that must repeat
-  draw for draw; with measured costs a seed repeats the law, not every draw).
+  (the verify pass, acceptance, the host sync, the bookkeeping) as a function of B and the verify length k + 1. Both
+  are medians of the latest rounds of this process with this target and drafter, timed around the phases the loop
+  runs anyway (`RoundClock`: no extra host sync; on the CPU the calling thread's CPU time, which the load of other
+  programs does not inflate; on CUDA the drafting phase is timed with events that the round's one sync completes). A
+  (B, k + 1) with fewer rounds than half of SAMPLES_KEPT takes the least-squares line in k + 1 through that B's
+  medians instead (on a busy machine a few rounds are noisy; the line pools them), and a B measured at fewer than
+  two lengths the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median (a cost per row, such as
+  its cache and bookkeeping, and one per token row; the line in T = B (k + 1) alone while the plane is not
+  determined). A drafter step at a batch size never drafted is the nearest measured size's, scaled as the target's
+  decode step scales between them. Beyond the longest pass measured the lines stay flat: an optimistic guess, which
+  the round that tries it measures (a pessimistic one would never be tried, and never corrected). A process's first
+  rounds with a pair measure what is missing: k = K, then k = 0, twice each (the first time a shape runs holds
+  one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead: then `auto`'s choices depend on
+  past acceptance alone (deterministic: the tests, and seeded sampling that must repeat draw for draw; with measured
+  costs a seed repeats the law, not every draw).
 - **Acceptance** (`Acceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
   per row, from that row's rounds: position j counts one trial whenever drafts 1..j-1 were accepted, a hit when j was
   too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose). Each
