@@ -82,7 +82,7 @@ def main() -> None:
                         timings[invariant].append(seconds)
             print(row(name, what, timings), flush=True)
         if name == "bundled":
-            drafter = load_drafter(ROOT / "tiny_gemma4" / "drafter", target=model)
+            drafter = load_drafter(ROOT / "tiny_gemma4" / "drafter", target=model, dtype=model.dtype)
             timings = {False: [], True: []}
             for rep in range(max(3, args.reps // 3) + 1):
                 for invariant in (False, True):

@@ -69,7 +69,7 @@ def worker(threads: int, new_tokens: int) -> None:
 
     torch.set_num_threads(threads or default_threads())
     target = load_target(ROOT / "tiny_gemma4" / "target")
-    drafter = load_drafter(ROOT / "tiny_gemma4" / "drafter", target=target)
+    drafter = load_drafter(ROOT / "tiny_gemma4" / "drafter", target=target, dtype=target.dtype)
 
     ids = load_tokenizer(target.checkpoint_dir).encode(BUNDLED_PROMPT, add_bos=True)
     for d in (None, drafter):  # warm-up

@@ -37,7 +37,7 @@ def child(schedule: str, threads: int, dtype: str) -> None:
 
     torch.set_num_threads(threads)
     target = load_target(ROOT / "tiny_gemma4" / "target", dtype=getattr(torch, dtype))
-    drafter = load_drafter(ROOT / "tiny_gemma4" / "drafter", target=target)
+    drafter = load_drafter(ROOT / "tiny_gemma4" / "drafter", target=target, dtype=target.dtype)
     imported = time.perf_counter() - start
     ids = list(range(2, 122))
     result = generate(target, drafter, ids, max_new_tokens=32, schedule=schedule, stop_token_ids=[], compile=True)

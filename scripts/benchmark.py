@@ -1310,7 +1310,7 @@ def measure_warmup(dtype: str, models: str, spec: bool) -> None:
     """(--measure-warmup, in a fresh process) the compile seconds of a first compiled generation, as JSON."""
     start = time.perf_counter()
     target = load_target(Path(models) / "target", dtype=getattr(torch, dtype))
-    drafter = load_drafter(Path(models) / "drafter", target=target) if spec else None
+    drafter = load_drafter(Path(models) / "drafter", target=target, dtype=target.dtype) if spec else None
     loaded = time.perf_counter() - start
     res = generate(target, drafter, list(range(5, 40)), max_new_tokens=40, schedule="heuristic" if spec else "constant",
                    compile=True)
@@ -1352,7 +1352,7 @@ def section_llamacpp(args, q: dict) -> list[str]:
     for dtype in ("float32", "bfloat16"):
         torch_dtype = getattr(torch, dtype)
         target = load_target(args.models / "target", dtype=torch_dtype)
-        drafter = load_drafter(args.models / "drafter", target=target)
+        drafter = load_drafter(args.models / "drafter", target=target, dtype=torch_dtype)
         n = args.draft_tokens or drafter.generation_config.get("num_assistant_tokens", 6)
         hf_target = Gemma4ForCausalLM.from_pretrained(args.models / "target", dtype=torch_dtype).eval()
         hf_drafter = Gemma4AssistantForCausalLM.from_pretrained(args.models / "drafter", dtype=torch_dtype).eval()

@@ -199,7 +199,7 @@ def main(argv=None) -> int:
 
     folder = args.models
     target = load_target(folder / "target")
-    drafter = load_drafter(folder / "drafter", target=target)
+    drafter = load_drafter(folder / "drafter", target=target, dtype=target.dtype)
     tokenizer = load_tokenizer(folder / "target")
     files = held_out_token_files(folder, tokenizer)
     loss, count = held_out_loss(target, files)

@@ -139,7 +139,7 @@ def run(argv=None) -> int:
     check_generation_options(dict(num_draft_tokens=k, temperature=args.temperature, seed=args.seed,
                                   max_new_tokens=1, schedule="constant"))
     target = load_target(TARGET)
-    drafter = load_drafter(DRAFTER, target=target)
+    drafter = load_drafter(DRAFTER, target=target, dtype=target.dtype)
     tokenizer = load_tokenizer(TARGET)
     check_positions(len(tokenizer.encode(args.prompt, add_bos=True)), args.rounds, k,
                     target.config.max_position_embeddings)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from drafter import DrafterConfig, check_compatible
+from drafter import DrafterConfig, IncompatibleDrafterError, check_compatible
 
 from .schedule import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, SCHEDULES
 
@@ -82,6 +82,11 @@ def check_drafter(drafter, target) -> None:
     config = getattr(drafter, "config", None)
     if isinstance(config, DrafterConfig):
         check_compatible(config, target.config)
+    weight = next(drafter.parameters(), None) if isinstance(drafter, torch.nn.Module) else None
+    if weight is not None and weight.dtype != target.dtype:  # it reads the target's embeddings, K/V, hidden states
+        raise IncompatibleDrafterError(
+            f"the drafter's dtype {weight.dtype} differs from the target's {target.dtype}: load both in one dtype "
+            f"(load_drafter(..., dtype=target.dtype))")
     vocab_size = target.config.vocab_size
     for source in (config, getattr(config, "text", None)):  # Drafter keeps it on config.text
         found = getattr(source, "vocab_size", None)

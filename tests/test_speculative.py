@@ -393,6 +393,22 @@ def test_incompatible_drafter_is_refused_by_generate(checkpoint, drafter_checkpo
         generate(target, drafter, PROMPT, max_new_tokens=4)
 
 
+def test_a_drafter_in_another_dtype_is_refused_by_generate(checkpoint, drafter_checkpoint):
+    """The drafter reads the target's embeddings, K/V and hidden states: a float32 drafter beside a bfloat16 target
+    is named as such, before any matmul fails on the mixed dtypes."""
+    from drafter import IncompatibleDrafterError
+    from weights import load_drafter, load_target
+
+    target = load_target(checkpoint("e2b"), dtype=torch.bfloat16)
+    drafter = load_drafter(drafter_checkpoint("e2b"), target=target)  # float32: the loader's default
+    with pytest.raises(IncompatibleDrafterError, match="drafter's dtype torch.float32 differs from the target's "
+                                                       "torch.bfloat16"):
+        generate(target, drafter, PROMPT, max_new_tokens=4)
+    same = load_drafter(drafter_checkpoint("e2b"), target=target, dtype=target.dtype)
+    options = dict(max_new_tokens=6, stop_token_ids=[])
+    assert generate(target, same, PROMPT, **options).tokens == generate(target, None, PROMPT, **options).tokens
+
+
 def test_a_continued_cache_prefills_only_the_new_tokens_and_gives_the_fresh_output():
     """generate(..., cache=...) across calls (a conversation): turn 2 processes only what turn 1 did not, and its
     greedy tokens equal a fresh generate over the whole history; a stop inside an accepted block leaves the cache
