@@ -34,7 +34,8 @@ compilation fails loudly (tests/test_compiled.py counts compiled graphs). On CUD
 CUDA graphs (the cache's buffers are marked as static addresses so the graphs write into them in place).
 
 The first call of each shape compiles; `generate` runs those calls before its timed decode loop and reports them as
-`stats.compile_seconds`. inductor keeps the kernels it compiled on disk (`cache_dir()`: torch's default folder in
+`stats.compile_seconds`, once per pair and shapes (a later generation with the same rows, longest draft and cache
+size skips them: `loop.Steps.cold`). inductor keeps the kernels it compiled on disk (`cache_dir()`: torch's default folder in
 the temporary directory, or $TORCHINDUCTOR_CACHE_DIR), but that alone leaves a second process tracing every graph
 again through dynamo and AOTAutograd (46-56 s for the bundled pair on 2 cores; torch's `save_cache_artifacts` /
 `load_cache_artifacts` move the same entries and do not skip the tracing). So on the CPU each region is compiled
@@ -97,6 +98,7 @@ class CompiledSteps:
         allow_cached_helpers()
 
         self._mode = mode
+        self.warmed: set[tuple] = set()  # shapes a generation's warm-up ran (`loop.Steps.cold`)
         self._layers: dict[tuple, object] = {}  # (kind of layer, one token?, one row?) -> its compiled function
         self._run_step = target.run_step
         self._drafter = drafter

@@ -76,6 +76,20 @@ def test_compiled_greedy_equals_eager_for_both_schedules_without_recompiling():
     assert graphs() == before and len(set(chosen.stats.draft_lengths)) > 1
 
 
+def test_a_generation_of_shapes_already_warmed_skips_the_warm_up():
+    """The warm-up (a target pass per verify length) runs once per pair and shapes: a second generation with the
+    same rows, longest draft and cache size starts decoding at once and still gives the eager tokens; another
+    cache size warms up again."""
+    target, drafter = small_pair()
+    options = dict(max_new_tokens=12, num_draft_tokens=3, schedule="constant")
+    compare(target, drafter, prompt(30, seed=2), **options)
+    before = graphs()
+    _, again = compare(target, drafter, prompt(30, seed=3), **options)  # same lengths: the same cache
+    assert again.stats.compile_seconds == 0.0 and graphs() == before
+    _, longer = compare(target, drafter, prompt(30, seed=3), **dict(options, max_new_tokens=300))
+    assert longer.stats.compile_seconds > 0.0
+
+
 def test_layers_of_one_kind_share_their_compiled_graphs():
     """Regional compilation (speculative/compiled.py): one graph per kind of layer and shape, reused by every layer
     of that kind, so a target with twice the layers of the same kinds compiles nothing new (the whole-model graph
