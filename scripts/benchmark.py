@@ -1043,7 +1043,7 @@ def section_schedules(args, q: dict) -> list[str]:
         cfg["processes"] = max(processes.values())
         curves = next((r["curves"] for r in runs if r["curves"]), {})
         return render_schedules(results, cfg, [x for r in runs for x in r["load"]], curves, args)
-    cfg = dict(q["schedules"])
+    cfg = dict(q["schedules"], threads=torch.get_num_threads())  # the runs' threads, not a merging process's
     if args.dtypes:
         cfg["dtypes"] = tuple(args.dtypes.split(","))
     batches, ns, new = cfg["batches"], cfg["ns"], cfg["new"]
@@ -1118,7 +1118,7 @@ def render_schedules(runs: dict, cfg: dict, load: list[float], curves: dict, arg
              "bundled one computing each step 8 times (same drafts, about the cost of a target decode step). Each "
              f"cell runs the first B prompts as one batch, greedy, {new} new tokens per row (a few tens of rounds: "
              "`auto` learns within the generation, and real generations are longer still), "
-             f"{torch.get_num_threads()} thread(s); decode tokens/s = all rows' decode tokens / the batch's decode "
+             f"{cfg.get('threads', torch.get_num_threads())} thread(s); decode tokens/s = all rows' decode tokens / the batch's decode "
              f"seconds (prefill excluded). Each figure is the median of {count} runs{where}, interleaved within "
              "each cell (a run runs every schedule once, the order rotated by one schedule per run, so that a drift "
              "in the machine's speed spreads over all schedules); every output equals target-only (checked). `auto` "
