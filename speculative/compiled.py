@@ -20,7 +20,7 @@ the graphs.
 
 What is compiled, per kind of layer: a graph whose token count is symbolic (`dynamic=True`), which serves every
 verify length 2..K + 1, so a schedule whose draft length changes every round (auto, heuristic) compiles nothing
-after the warm-up (which runs every length); and the drafter's forward (one token per row, a fixed shape). dynamo
+after the warm-up (which runs every length); and the drafter's forward (one token per row; the length of the cache it reads symbolic, as in the layers). dynamo
 specialises a size of 1, so a pass of one token (auto's rounds without drafts, a budget's last round) would compile
 a graph per kind of its own: with a drafter it runs as two tokens instead, the token and a copy of it that the cache
 forgets at once (`CompiledSteps.forward`). For the bundled pair that leaves a first process 5 regions to compile
@@ -42,7 +42,7 @@ again through dynamo and AOTAutograd (46-56 s for the bundled pair on 2 cores; t
 ahead of time (`Precompiled`: dynamo's `aot_compile`) and stored, guards and all, in `precompiled_dir()`, a folder
 inside `cache_dir()`; a later process loads the stored functions and traces nothing (bundled pair: 3 s of warm-up
 against 46-56 s; BENCHMARKS.md, section 11). A stored function runs only on inputs its guards accept (others are
-traced as before), and its file name holds a digest of the model code, torch, Python and the module switches, so an
+compiled into a variant, stored too: `Precompiled`), and its file name holds a digest of the model code, torch, Python and the module switches, so an
 edit or an upgrade stores a new entry and never loads a stale one; entries that no process wrote or loaded for 30
 days are deleted whenever a new one is stored (`prune_store`), so old versions do not pile up. Delete
 `precompiled_dir()` to make the next process trace again, `cache_dir()` to start cold. The files are pickles written
@@ -103,7 +103,8 @@ class CompiledSteps:
         self._run_step = target.run_step
         self._drafter = drafter
         if drafter is not None:
-            self._drafter_step = region("drafter", drafter_step, drafter, dynamic=False, mode=mode)
+            # dynamic: the full-attention views it reads are as long as the target's cache (one graph for all)
+            self._drafter_step = region("drafter", drafter_step, drafter, dynamic=True, mode=mode)
 
     def forward(self, input_ids: torch.Tensor, cache):
         """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static). With a
@@ -181,35 +182,55 @@ class Precompiled:
     (`torch.compile(...).aot_compile`) traces it into a function that is saved in `precompiled_dir()` and that a
     later process loads without tracing anything. The file holds the graph's guards (shapes, dtypes and strides of
     every tensor, grad mode, the module's structure, the module globals it read, such as the row-invariance
-    switch), and a call whose inputs fail them runs `torch.compile` of the same function instead: a stored
-    function is never run on inputs it was not traced for. The file's name holds a digest of everything a stale
-    entry could differ by (`store_key`), so an edit of the models' code, another torch or Python, or another
-    dtype writes a new entry instead of loading the old one.
+    switch): a stored function is never run on inputs it was not traced for. The file's name holds a digest of
+    everything a stale entry could differ by (`store_key`), so an edit of the models' code, another torch or
+    Python, or another dtype writes a new entry instead of loading the old one.
+
+    Inputs that every stored function's guards refuse are traced into one more stored function, a variant, saved
+    beside the first (`-v1`, `-v2`...; at most MAX_VARIANTS, then `torch.compile` in the process). A full-attention
+    layer has two: its key length is one block (a cache of up to KEY_BLOCK positions) or several, and the
+    attention's reshapes of the blocks test which (gemma4/kernels.py `_attend_rows`). With one stored function a
+    generation past KEY_BLOCK positions traced those layers again in every process (30 s for the bundled pair). The
+    variant that ran last is checked first.
 
     The files are pickles written by torch, which run code when they are loaded: this class loads only files of
     `precompiled_dir()` that it writes itself, under the names it derives, with the trust inductor's own cache
     (compiled kernels loaded from the same folder) already asks for. Never copy a file there from elsewhere."""
 
     def __init__(self, name: str, function, structure: str, dynamic: bool):
-        self.path = precompiled_dir() / f"{name}-{store_key(name, structure, dynamic)}.pt2"
+        self.path = precompiled_dir() / f"{name}-{store_key(name, structure, dynamic)}.pt2"  # the first variant
         self.function, self.dynamic = function, dynamic
-        self.traced = torch.compile(function, fullgraph=True, dynamic=dynamic,  # for inputs the guards refuse
+        self.traced = torch.compile(function, fullgraph=True, dynamic=dynamic,  # past MAX_VARIANTS
                                     options=CPU_OPTIONS)
-        self.stored = None
+        self.variants: list | None = None  # the stored functions, loaded at the first call
 
     def __call__(self, *args):
-        stored = self.stored if self.stored is not None else self.prepare(args)
-        if stored.guard_check(*args):
-            return stored.fn(*args)  # the guards, once
-        return self.traced(*args)
+        if self.variants is None:
+            self.variants = self.load()
+        for i, stored in enumerate(self.variants):
+            if stored.guard_check(*args):
+                if i:  # the inputs changed kind (a cache past KEY_BLOCK positions): this one first from now on
+                    self.variants.insert(0, self.variants.pop(i))
+                return stored.fn(*args)
+        if len(self.variants) >= MAX_VARIANTS:
+            return self.traced(*args)
+        self.variants.insert(0, self.store(args))
+        return self.variants[0].fn(*args)
 
-    def prepare(self, args):
-        """Load the stored function, or compile it ahead of time from these inputs and store it."""
-        if self.path.exists():
-            with open(self.path, "rb") as file:
-                self.stored = torch.compiler.load_compiled_function(file)
-            os.utime(self.path)  # in use: `prune_store` keeps it
-            return self.stored
+    def variant_path(self, index: int) -> Path:
+        return self.path if index == 0 else self.path.with_name(f"{self.path.stem}-v{index}.pt2")
+
+    def load(self) -> list:
+        """The stored variants of this region, in the order they were stored."""
+        variants = []
+        while len(variants) < MAX_VARIANTS and (path := self.variant_path(len(variants))).exists():
+            with open(path, "rb") as file:
+                variants.append(torch.compiler.load_compiled_function(file))
+            os.utime(path)  # in use: `prune_store` keeps it
+        return variants
+
+    def store(self, args):
+        """Compile the region ahead of time from these inputs and store it as the next variant."""
         # A float argument becomes a constant: the ahead-of-time tracer cannot restart a trace that turned one
         # into a tensor. Each symbolic size gets a symbol of its own: one graph serves every size, and a token
         # count that happens to equal another size (2 heads, 2 tokens) must not tie the two together, as a stored
@@ -218,15 +239,19 @@ class Precompiled:
                 use_duck_shape=False):
             compiler = torch.compile(self.function, fullgraph=True, dynamic=self.dynamic,
                                      options={**CPU_OPTIONS, "guard_filter_fn": storable_guards})
-            self.stored = compiler.aot_compile((args, {}))
+            stored = compiler.aot_compile((args, {}))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.stored.save_compiled_function(str(self.path))  # written to a temporary file, then renamed
+        index = len(self.variants)
+        while self.variant_path(index).exists():  # another process stored one meanwhile: keep it
+            index += 1
+        stored.save_compiled_function(str(self.variant_path(index)))  # written to a temporary file, then renamed
         prune_store(self.path.parent)
-        return self.stored
+        return stored
 
 
+MAX_VARIANTS = 8  # stored functions per region (`Precompiled`)
 STORE_KEEP_DAYS = 30  # a stored function neither written nor loaded for this long is deleted
-STORE_NAME = re.compile(r"[\w.-]+-[0-9a-f]{20}\.pt2")  # `Precompiled.path`: region name, `store_key` digest
+STORE_NAME = re.compile(r"[\w.-]+-[0-9a-f]{20}(-v\d+)?\.pt2")  # `Precompiled`: region, `store_key` digest, variant
 
 
 def prune_store(folder: Path, now: float | None = None) -> list[Path]:

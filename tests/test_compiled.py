@@ -113,22 +113,25 @@ def forget_compiled(target) -> None:
 def test_a_second_process_loads_the_stored_functions_and_traces_nothing(tmp_path, monkeypatch):
     """The precompile store (speculative/compiled.py): a first process compiles each region ahead of time and
     stores it; a second one (dynamo reset, the regions forgotten) loads every region from the store, traces no
-    graph, and gives the eager tokens."""
+    graph, and gives the eager tokens, for a short generation and for one whose cache passes KEY_BLOCK positions
+    (its full-attention layers and drafter then read several key blocks: variants of their own, stored too)."""
     target, drafter = small_pair()
     ids = prompt(30, seed=7)
-    options = dict(max_new_tokens=12, num_draft_tokens=3, stop_token_ids=[])
-    eager = generate(target, drafter, ids, **options)
+    short, long = (dict(max_new_tokens=n, num_draft_tokens=3, stop_token_ids=[]) for n in (12, 240))
+    eager = [generate(target, drafter, ids, **options).tokens for options in (short, long)]
     monkeypatch.setattr(compiled, "precompiled_dir", lambda: tmp_path)
     forget_compiled(target)
     try:
-        first = generate(target, drafter, ids, compile=True, **options)
+        first = generate(target, drafter, ids, compile=True, **short)
         stored = sorted(p.name for p in tmp_path.iterdir())
         assert len(stored) == 3, stored  # 2 kinds (one graph for every token count), the drafter
+        first_long = generate(target, drafter, ids, compile=True, **long)
+        stored = sorted(p.name for p in tmp_path.iterdir())
         forget_compiled(target)
         traced = graphs()
-        again = generate(target, drafter, ids, compile=True, **options)
+        again = [generate(target, drafter, ids, compile=True, **options).tokens for options in (long, short)]
         assert graphs() == traced, "the second process traced"
-        assert first.tokens == again.tokens == eager.tokens
+        assert [first.tokens, first_long.tokens] == eager == again[::-1]
         assert sorted(p.name for p in tmp_path.iterdir()) == stored
     finally:
         forget_compiled(target)  # the other tests' regions use the default store
@@ -137,7 +140,8 @@ def test_a_second_process_loads_the_stored_functions_and_traces_nothing(tmp_path
 def test_a_stored_function_runs_only_where_its_key_and_guards_hold(tmp_path, monkeypatch):
     """A stored function is never run on what it was not traced for: another dtype, an edited model code or another
     row-invariance setting names another file (so a stale entry is never loaded), and inputs its guards refuse (here
-    float64 where it traced float32) run a fresh trace instead, with the eager result."""
+    float64 where it traced float32) are traced into a variant of their own, stored beside the first, with the eager
+    result."""
     from gemma4 import kernels
 
     monkeypatch.setattr(compiled, "precompiled_dir", lambda: tmp_path)
@@ -160,6 +164,11 @@ def test_a_stored_function_runs_only_where_its_key_and_guards_hold(tmp_path, mon
         assert graphs() == traced, "the loaded function traced"
         torch.testing.assert_close(loaded(double, x.double()), double(x.double()))
         assert graphs() == traced + 1, "the float64 call was traced, not run through the float32 function"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.path.name, first.variant_path(1).name])
+        later = region(module)  # a later process: both variants loaded, neither input kind traced
+        torch.testing.assert_close(later(double, x2.double()), double(x2.double()))
+        torch.testing.assert_close(later(module, x), module(x))
+        assert graphs() == traced + 1
 
     assert region(double).path != first.path
     kernels.set_row_invariant_float32(not kernels.row_invariant_float32())
@@ -176,13 +185,14 @@ def test_the_store_deletes_only_its_own_entries_unused_for_a_month(tmp_path):
     """`prune_store`: an entry neither written nor loaded for STORE_KEEP_DAYS goes, a recent one and files the store
     did not name stay."""
     now = time.time()
-    old_entry, recent_entry = tmp_path / f"drafter-{'a' * 20}.pt2", tmp_path / f"drafter-{'b' * 20}.pt2"
+    old_entries = [tmp_path / f"drafter-{'a' * 20}.pt2", tmp_path / f"drafter-{'a' * 20}-v1.pt2"]
+    recent_entry = tmp_path / f"drafter-{'b' * 20}.pt2"
     foreign = [tmp_path / "notes.pt2", tmp_path / f"drafter-{'c' * 20}.txt"]
-    for path in (old_entry, recent_entry, *foreign):
+    for path in (*old_entries, recent_entry, *foreign):
         path.write_bytes(b"")
         age = compiled.STORE_KEEP_DAYS + 1 if path != recent_entry else compiled.STORE_KEEP_DAYS - 1
         os.utime(path, (now - age * 86400, now - age * 86400))
-    assert compiled.prune_store(tmp_path, now) == [old_entry]
+    assert sorted(compiled.prune_store(tmp_path, now)) == old_entries
     assert sorted(tmp_path.iterdir()) == sorted([recent_entry, *foreign])
 
 
