@@ -315,6 +315,20 @@ class KVCache:
         self._floors = list(snapshot.floors)
         self.lengths = [snapshot.length]
 
+    def reserve(self, max_length: int) -> None:
+        """Make the full layers hold at least `max_length` positions. A static cache keeps one buffer shape within
+        a generation; a conversation that continues it turn after turn (speculative/session.py) makes room before
+        each turn: the full layers' K/V are copied once into larger buffers when it grows (position p stays at
+        index p), never within a generation."""
+        size = padded(max_length)
+        for layer in self._k:
+            if self.config.layers[layer].attention_type == FULL and self._k[layer].shape[2] < size:
+                for store in (self._k, self._v):
+                    old = store[layer]
+                    store[layer] = old.new_zeros(old.shape[0], old.shape[1], size, old.shape[3])
+                    store[layer][:, :, : old.shape[2]] = old
+        self._full_size = max(self._full_size, size)
+
     def buffers(self) -> list[torch.Tensor]:
         """Every K/V buffer, for code that must know their memory (CUDA graphs replay fixed addresses)."""
         return [*self._k.values(), *self._v.values()]

@@ -52,7 +52,8 @@ def run_chat(args, target, drafter, tokenizer, template, options: dict, *, draft
     thinking = {"enable_thinking": True} if args.enable_thinking else None
     session = Session(target, drafter, tokenizer=tokenizer, template=template, system=args.system,
                       max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
-                      schedule=args.schedule, template_kwargs=thinking, **options)
+                      schedule=args.schedule, template_kwargs=thinking,
+                      compile=getattr(args, "compile", False), **options)
     color = stdout.isatty() and "NO_COLOR" not in os.environ
     failed, images = 0, []
 

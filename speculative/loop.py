@@ -69,8 +69,9 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
     new tokens but the last.
 
     `compile=True` runs the decode, verify and draft steps through torch.compile (speculative/compiled.py): the
-    same tokens, faster after a warm-up that compiles each step's shape once per process (minutes on a small CPU;
-    `stats.compile_seconds`), with a static cache.
+    same tokens, faster after a warm-up that compiles each step's shape once per machine (about a minute for the
+    bundled pair on 2 cores the first time, seconds in later processes; `stats.compile_seconds`), with a static
+    cache; a continued `cache` must then be static too (`new_session_cache(..., static=True)`).
 
     `image_features` [N, H]: the embeddings of the N image tokens of `input_ids` (a prompt with images:
     `weights.images.image_prompt`), used by the prefill only. Decoding, drafting and verifying after the prompt are
@@ -89,12 +90,13 @@ def generate(target, drafter, input_ids, *, max_new_tokens: int, num_draft_token
                      images=[image_features], costs=costs)[0]
 
 
-def new_session_cache(target, drafter=None) -> KVCache:
+def new_session_cache(target, drafter=None, *, static: bool = False) -> KVCache:
     """An empty cache for `generate(..., cache=...)` across calls: room for any schedule's rollbacks (k up to
     MAX_DRAFT_TOKENS) and the drafter's sliding history, with the config's ring geometry (the same as a fresh
-    `generate`); the full-attention buffers grow as the conversation does."""
+    `generate`); the full-attention buffers grow as the conversation does (`static=True`, for `compile=True`:
+    before each generation, never within one)."""
     return target.new_cache(batch_size=1, max_length=KEY_BLOCK, max_rollback=MAX_DRAFT_TOKENS + 1,
-                            min_sliding_history=getattr(drafter, "sliding_history", 0))
+                            min_sliding_history=getattr(drafter, "sliding_history", 0), static=static)
 
 
 @torch.inference_mode()
@@ -173,10 +175,12 @@ def _generate(target, drafter, prompts: list[list[int]], *, max_new_tokens, num_
                                  max_rollback=k_max + 1, min_sliding_history=history, static=compile,
                                  position_slack=k_max)
     elif compile and not cache.static:
-        raise ValueError("compile=True cannot continue a cache: the compiled steps need a static one, made for "
-                         "one generation")
+        raise ValueError("compile=True continues only a static cache (new_session_cache(..., static=True)): the "
+                         "compiled steps read buffers of one shape")
     else:
         reused = [check_continued_cache(cache, target, len(prompts[0]), k_max, history)]
+        if cache.static:  # one buffer shape for the whole generation: room for all of it now
+            cache.reserve(longest + max_new_tokens + k_max)
     steps = Steps(target, drafter, compile)
     if compile and target.device.type == "cuda":
         mark_static(cache)

@@ -89,13 +89,14 @@ class Session:
     """A multi-turn conversation (see the module docstring). `tokenizer` and `template` (a chat template string,
     None for the built-in Gemma 4 turn format) are needed by `send`; `generate_ids` works on token ids alone.
     `system` is the first message; `template_kwargs` reach the template (e.g. enable_thinking=True). The other
-    keywords are `generate`'s; with a `seed`, turn n samples with seed + n."""
+    keywords are `generate`'s; with a `seed`, turn n samples with seed + n. `compile=True` runs every turn through
+    the compiled steps (speculative/compiled.py) over a static cache, grown before a turn that needs more room."""
 
     def __init__(self, target, drafter=None, *, tokenizer=None, template: str | None = None,
                  system: str | None = None, max_new_tokens: int = 256, max_context: int | None = None,
                  overflow: str = "drop_oldest", template_kwargs: dict | None = None, num_draft_tokens=None,
                  schedule: str = DEFAULT_SCHEDULE, temperature: float = 0.0, top_k=None, top_p=None, seed=None,
-                 stop_token_ids=None, vision=None, costs=None):
+                 stop_token_ids=None, vision=None, costs=None, compile: bool = False):
         limit = target.config.max_position_embeddings
         if max_context is not None and not 1 < max_context <= limit:
             raise ValueError(f"max_context must be in [2, {limit}] (the target's max_position_embeddings), "
@@ -109,7 +110,8 @@ class Session:
         self.template_kwargs = dict(template_kwargs or {})
         self.stops = stop_tokens(target, stop_token_ids)
         self.options = dict(num_draft_tokens=num_draft_tokens, schedule=schedule, temperature=temperature,
-                            top_k=top_k, top_p=top_p, stop_token_ids=sorted(self.stops), costs=costs)
+                            top_k=top_k, top_p=top_p, stop_token_ids=sorted(self.stops), costs=costs,
+                            compile=compile)
         self.seed = seed
         self.turns: list[Turn] = []
         self.reset()
@@ -315,7 +317,8 @@ class Session:
         kept = max(config.sliding_window - 1, history) if SLIDING in config.layer_types else 0
         reach = sliding_capacity(config) - kept if SLIDING in config.layer_types else MAX_DRAFT_TOKENS + 1
         self._cache = self.target.new_cache(batch_size=1, max_length=KEY_BLOCK,
-                                            max_rollback=max(MAX_DRAFT_TOKENS + 1, reach), min_sliding_history=history)
+                                            max_rollback=max(MAX_DRAFT_TOKENS + 1, reach), min_sliding_history=history,
+                                            static=self.options["compile"])
         self._snapshot = None
 
     def _after_interrupt(self, prompt_len: int, emitted: int) -> None:

@@ -342,6 +342,22 @@ def test_cli_chat_json_one_line_per_turn_equal_to_the_library_session(monkeypatc
     assert "answer tokens: 12" in err and "(new conversation)" in err
 
 
+def test_cli_chat_compile_answers_as_the_eager_library_session(monkeypatch, capsys):
+    """--chat --compile: the conversation runs through the compiled steps (target-only here, the lighter compile;
+    tests/test_compiled.py covers a compiled conversation with a drafter) and answers as the eager Session."""
+    lines = ["def add(a, b):", "    return a"]
+    code, out, err = run_cli(["--chat", "--json", "--compile", "--no-draft", "--max-new-tokens", 10, "--threads", 1],
+                             "\n".join(lines) + "\n", monkeypatch, capsys)
+    assert code == 0, err
+    reports = [json.loads(line) for line in out.strip().splitlines()]
+    target, _, tokenizer = bundled()
+    s = Session(target, None, tokenizer=tokenizer, template=load_chat_template(target.checkpoint_dir),
+                max_new_tokens=10)
+    assert [r["tokens"] for r in reports] == [s.send(message).tokens for message in lines]
+    assert [r["stats"]["cache"] for r in reports] == ["new", "continued"]
+    assert reports[0]["stats"]["compile_seconds"] > 0
+
+
 def test_cli_chat_streams_each_answer_as_text_and_exits_at_eof(monkeypatch, capsys):
     code, out, err = run_cli(["--chat", "--max-new-tokens", 8, "--threads", 1, "--no-draft"],
                              "def f(x):\n    return x\n", monkeypatch, capsys)

@@ -90,6 +90,30 @@ def test_a_generation_of_shapes_already_warmed_skips_the_warm_up():
     assert longer.stats.compile_seconds > 0.0
 
 
+def test_a_compiled_conversation_equals_the_eager_one():
+    """Session(compile=True): each turn gives the eager session's tokens over a static cache that is continued,
+    grown past KEY_BLOCK positions and brought back into the first turn (its ring snapshot restored), and no turn
+    compiles inside its decode loop."""
+    from speculative import Session
+
+    target, drafter = small_pair()
+    eager, fast = (Session(target, drafter, num_draft_tokens=3, stop_token_ids=[], compile=c) for c in (False, True))
+    first = prompt(30, seed=4)
+    for session in (eager, fast):
+        seen = []
+        one = session.generate_ids(first, max_new_tokens=20, on_round=lambda info: seen.append(graphs()))
+        two = session.generate_ids(session.tokens + prompt(25, seed=5), max_new_tokens=240,  # past 256 positions
+                                   on_round=lambda info: seen.append(graphs()))
+        three = session.generate_ids(first + prompt(10, seed=6), max_new_tokens=12,  # back into the first turn
+                                     on_round=lambda info: seen.append(graphs()))
+        session.result = [(t.tokens, t.cache) for t in (one, two, three)]
+        if session is fast:
+            assert len(set(seen[1:len(one.tokens)])) == 1, "the first turn compiled inside its decode loop"
+            assert len(set(seen[len(one.tokens) + 1:])) == 1, "a later turn compiled"
+    assert fast.result == eager.result
+    assert [how for _, how in fast.result] == ["new", "continued", "restored"]
+
+
 def test_layers_of_one_kind_share_their_compiled_graphs():
     """Regional compilation (speculative/compiled.py): one graph per kind of layer and shape, reused by every layer
     of that kind, so a target with twice the layers of the same kinds compiles nothing new (the whole-model graph
@@ -192,7 +216,7 @@ def test_the_store_deletes_only_its_own_entries_unused_for_a_month(tmp_path):
         path.write_bytes(b"")
         age = compiled.STORE_KEEP_DAYS + 1 if path != recent_entry else compiled.STORE_KEEP_DAYS - 1
         os.utime(path, (now - age * 86400, now - age * 86400))
-    assert sorted(compiled.prune_store(tmp_path, now)) == old_entries
+    assert sorted(compiled.prune_store(tmp_path, now)) == sorted(old_entries)
     assert sorted(tmp_path.iterdir()) == sorted([recent_entry, *foreign])
 
 
