@@ -33,6 +33,8 @@ _ROW_BLOCKS = 8
 # Under torch.compile, CPU products with a weight of at most this many elements run as a sum of products that inductor
 # compiles into its own loop (see `linear`).
 _FUSED_WEIGHT = 1 << 16  # 256 KB in float32
+# CPU bfloat16 inference products with a weight of at most this many elements run in float64 (see `linear`).
+_FLOAT64_WEIGHT = 1 << 16  # 128 KB in bfloat16
 # CPU inference products in these dtypes run as oneDNN's inner product, the same kernel for every row count and
 # weight size: see `linear`.
 _ONEDNN_DTYPES = {torch.bfloat16}
@@ -127,16 +129,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return _generic.linear(x, weight, bias)
     if not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    if (x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and _onednn_inner_product(x.dtype)):
+    if (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and weight.dtype == x.dtype
+            and (_float64_product(weight) or x.dtype in _ONEDNN_DTYPES and _onednn_inner_product(x.dtype))):
         rows = x.reshape(tokens, inp)
         if torch.compiler.is_compiling():  # the same kernel, opaque to inductor (see `row_invariant_linear`)
             return row_invariant_linear(rows, weight, bias).view(*x.shape[:-1], out)
-        if tokens == 1:
-            rows = rows.expand(2, inp)  # [2, in]: the 2+ row kernel (a view; oneDNN reads it as it is)
-        y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")  # [max(T, 2), out]
-        return (y[:1] if tokens == 1 else y).view(*x.shape[:-1], out)
+        return _row_invariant_linear(rows, weight, bias).view(*x.shape[:-1], out)
     # Under torch.compile, a small float32 weight's product as an elementwise product summed over `in`: inductor
     # compiles it into a loop of its own, where F.linear calls BLAS, whose setup dominates a product this small
     # (the bundled target's 216 one-token products, weights out of cache, 1 thread: 3.8 ms through BLAS, 1.5 ms as
@@ -167,13 +165,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], out)
 
 
+def _float64_product(weight: torch.Tensor) -> bool:
+    """Whether a product with `weight` takes the float64 path of `_row_invariant_linear`: bfloat16 weights of at
+    most `_FLOAT64_WEIGHT` elements (a choice by the weight, the same for every row count)."""
+    return weight.dtype == torch.bfloat16 and weight.numel() <= _FLOAT64_WEIGHT
+
+
+def _own(y: torch.Tensor) -> torch.Tensor:
+    """y, or a copy of it where it is a view (an operator's output must own its memory)."""
+    return y if y._base is None else y.clone()
+
+
 def _row_invariant_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`linear`'s oneDNN path as an operator torch.compile keeps as it is: rows [T, in] -> [T, out], one row run
-    as two copies. inductor would otherwise lower the oneDNN call as a product with a frozen weight (which it
-    refuses outside its freezing mode) or replace it with its own GEMM, whose rows are not invariant."""
+    """`linear`'s row-invariant paths, rows [T, in] -> [T, out]: a small bfloat16 weight's product in float64,
+    any other as oneDNN's inner product with one row run as two copies."""
+    if _float64_product(weight):
+        y = F.linear(rows.double(), weight.double())  # [T, out]
+        return (y if bias is None else y + bias).to(rows.dtype)
     one = rows.shape[0] == 1
     y = torch.ops.mkldnn._linear_pointwise(rows.expand(2, -1) if one else rows, weight, bias, "none", [], "")
-    return y[:1].clone() if one else y
+    return y[:1] if one else y
 
 
 # Registered through torch.library's plain API (a schema and a CPU kernel) rather than `torch.library.custom_op`,
@@ -181,7 +192,7 @@ def _row_invariant_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.
 # target makes 216 of them). Inference only: `linear` takes this path only without autograd.
 _LIBRARY = torch.library.Library("gemma4", "DEF")
 _LIBRARY.define("row_invariant_linear(Tensor rows, Tensor weight, Tensor? bias) -> Tensor")
-_LIBRARY.impl("row_invariant_linear", _row_invariant_linear, "CPU")
+_LIBRARY.impl("row_invariant_linear", lambda rows, weight, bias: _own(_row_invariant_linear(rows, weight, bias)), "CPU")
 row_invariant_linear = torch.ops.gemma4.row_invariant_linear.default
 
 
