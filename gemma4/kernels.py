@@ -34,9 +34,9 @@ _ROW_BLOCKS = 8
 # compiles into its own loop (see `linear`).
 _FUSED_WEIGHT = 1 << 16  # 256 KB in float32
 # CPU bfloat16 inference products with a weight of at most this many elements run in float64 (see `linear`).
-_FLOAT64_WEIGHT = 1 << 16  # 128 KB in bfloat16
+_FLOAT64_WEIGHT = 1 << 16  # 128 KB in bfloat16: every product of the bundled pair but the output head
 # CPU inference products in these dtypes run as oneDNN's inner product, the same kernel for every row count and
-# weight size: see `linear`.
+# weight size (bfloat16: weights above _FLOAT64_WEIGHT): see `linear`.
 _ONEDNN_DTYPES = {torch.bfloat16}
 
 
@@ -61,10 +61,11 @@ def row_invariant_float32() -> bool:
 
 def row_invariant(t: torch.Tensor) -> bool:
     """Whether computations in `t`'s dtype on `t`'s device keep this module's row-invariance promises, and with
-    them bit-exact greedy speculative decoding and chat turns: on the CPU, bfloat16 (through oneDNN), float16 (as
-    measured) and float32 after `set_row_invariant_float32(True)`; by default float32 keeps MKL's faster kernels,
-    whose rows depend on the row count, so greedy outputs may differ from target-only ones where two logits are
-    within rounding (~1e-6) of each other. The generic path (`generic.py`) promises no row invariance."""
+    them bit-exact greedy speculative decoding and chat turns: on the CPU, bfloat16 (small weights in float64, the
+    others through oneDNN), float16 (as measured) and float32 after `set_row_invariant_float32(True)`; by default
+    float32 keeps MKL's faster kernels, whose rows depend on the row count, so greedy outputs may differ from
+    target-only ones where two logits are within rounding (~1e-6) of each other. The generic path (`generic.py`)
+    promises no row invariance."""
     if generic(t):
         return False
     if t.dtype == torch.float16:
@@ -107,11 +108,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     decoding computes one, a batch computes B (k + 1), a chat turn re-processes a suffix its history prefilled.
     BLAS kernels do not promise that: MKL's float32 GEMM sums a column differently for 1-3, 4, 5-7... columns, and
     the bfloat16 GEMM behind F.linear differs between 1 and 2+ rows, and on small weights between other counts. On
-    CPU in bfloat16, every inference product therefore runs as oneDNN's inner product, which (measured on every
-    Gemma 4 E2B and tiny-model shape, 2 to 300 rows, 1 and 2 threads) gives a row the same bits for any count of 2+
-    rows and any row index; a single row is computed as two copies of itself, so that it takes the same 2+ row
-    kernel (tests/test_layers.py checks this bit for bit). It costs nothing: within 15% of F.linear either way from
-    1 to 2048 rows on E2B's MLP shapes, and ~15 us more on a 1-row product with a tiny weight (2 threads).
+    CPU in bfloat16, every inference product therefore takes one of two row-invariant paths, chosen by the weight
+    (a constant of a layer, never the row count):
+    - Weights of at most `_FLOAT64_WEIGHT` elements (every product of the bundled pair but its output head): the
+      product in float64, rounded to bfloat16. A product of two bfloat16 values (8 significant bits each) is exact
+      in float64, and a sum of such products is exact as long as its terms span less than ~2^28 in magnitude
+      (53 bits, less 16 per term and 9 for up to 512 terms): the result is then the exact sum rounded, whatever
+      order BLAS adds the terms in for a given row count. Beyond that span only float64's last bit can depend on
+      the order, which changes the bfloat16 result only if the sum lies that close to a rounding boundary
+      (measured on the bundled target's own products, a 200-token prompt and 100 decode steps: 10 of 7.4 million
+      float64 sums depended on the order of their terms, no bfloat16 result). oneDNN's inner product costs ~17-20
+      us a call at these shapes however few rows (its setup per call), this path 8-12 us for one row, in the
+      model ~30 against ~50-70 us (weights out of cache; 1 thread, load average 2-3); more than oneDNN from ~5
+      rows of the MLP's shapes (30-33 against 19 us) and 3x at 64 rows (a prefill piece). The float64 copy of the
+      weight is made per call: kept, the model's weights read 4x the bytes a step and the product cost more.
+    - Larger weights: oneDNN's inner product, which (measured on every Gemma 4 E2B and tiny-model shape, 2 to 300
+      rows, 1 and 2 threads) gives a row the same bits for any count of 2+ rows and any row index; a single row is
+      computed as two copies of itself, so that it takes the same 2+ row kernel. It costs nothing there: within
+      15% of F.linear either way from 1 to 2048 rows on E2B's MLP shapes.
+    tests/test_layers.py checks both bit for bit.
     Float16 runs the paths below where oneDNN has no float16 kernel (CPUs without AVX512-FP16): row-invariant as
     they are, measured on a 2-core EPYC from 1 to 300 rows on every tiny and E2B shape, 1 and 2 threads. Float32 takes the oneDNN path only after
     `set_row_invariant_float32(True)`, as it slows float32 decoding down (see there).
@@ -178,7 +193,12 @@ def _own(y: torch.Tensor) -> torch.Tensor:
 
 def _row_invariant_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`linear`'s row-invariant paths, rows [T, in] -> [T, out]: a small bfloat16 weight's product in float64,
-    any other as oneDNN's inner product with one row run as two copies."""
+    any other as oneDNN's inner product with one row run as two copies. Under torch.compile this runs as the
+    operator `row_invariant_linear`, so that compiled rows get the bits eager ones do: inductor would lower the
+    oneDNN call as a product with a frozen weight (which it refuses outside its freezing mode) or replace it with
+    its own GEMM, whose rows are not invariant; the float64 product it would compile into loops of its own,
+    whose conversions from bfloat16 ran ~4x slower than this kernel (the bundled target's compiled layer: ~330
+    against ~80 us)."""
     if _float64_product(weight):
         y = F.linear(rows.double(), weight.double())  # [T, out]
         return (y if bias is None else y + bias).to(rows.dtype)
@@ -192,7 +212,8 @@ def _row_invariant_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.
 # target makes 216 of them). Inference only: `linear` takes this path only without autograd.
 _LIBRARY = torch.library.Library("gemma4", "DEF")
 _LIBRARY.define("row_invariant_linear(Tensor rows, Tensor weight, Tensor? bias) -> Tensor")
-_LIBRARY.impl("row_invariant_linear", lambda rows, weight, bias: _own(_row_invariant_linear(rows, weight, bias)), "CPU")
+_LIBRARY.impl("row_invariant_linear", lambda rows, weight, bias: _own(_row_invariant_linear(rows, weight, bias)),
+              "CPU")
 row_invariant_linear = torch.ops.gemma4.row_invariant_linear.default
 
 

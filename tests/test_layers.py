@@ -150,6 +150,47 @@ def test_half_precision_rows_are_invariant_at_batch_and_prefill_row_counts(shape
             assert torch.equal(together, alone[:tokens]), f"{shape}, {tokens} rows"
 
 
+# bfloat16 weights small enough for the float64 path (every product of the bundled pair but its head), and one above
+FLOAT64_SHAPES = {"tiny-q": (64, 128), "tiny-mlp": (512, 128), "tiny-down": (128, 512), "tiny-ple": (8, 128)}
+
+
+@pytest.mark.parametrize("shape", list(FLOAT64_SHAPES.values()), ids=list(FLOAT64_SHAPES))
+def test_a_small_bfloat16_product_is_the_exact_sum_rounded(shape):
+    """What makes the float64 path row-invariant: its sums are exact (the oracle: Python fractions), so no order
+    BLAS chooses for a row count can change them. Inputs spread over 2^12 in magnitude, as activations are."""
+    from fractions import Fraction
+
+    gen = torch.Generator().manual_seed(shape[0])
+    weight = (torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16)
+    x = (torch.randn(3, shape[1], generator=gen) * torch.rand(3, shape[1], generator=gen).mul(12).exp2()).to(
+        torch.bfloat16)
+    xs, ws = x.double().tolist(), weight.double().tolist()
+    exact = [[float(sum(Fraction(a) * Fraction(b) for a, b in zip(row, w))) for w in ws] for row in xs]
+    with torch.inference_mode():
+        got = linear(x, weight)
+    assert torch.equal(got, torch.tensor(exact, dtype=torch.float64).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", list(FLOAT64_SHAPES.values()) + [(2048, 128)],
+                         ids=list(FLOAT64_SHAPES) + ["onednn"])
+def test_the_compiled_operator_computes_what_eager_linear_does(shape):
+    """Under torch.compile every row-invariant bfloat16 product runs as the operator `row_invariant_linear` (its
+    kernel is eager `linear`'s): called directly, it must give eager's bits for 1 to 17 rows, with and without a
+    bias."""
+    from gemma4.kernels import row_invariant_linear
+
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(shape[0], generator=gen).to(torch.bfloat16)
+    x = torch.randn(17, shape[1], generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        for tokens in (1, 2, 5, 17):
+            for b in (None, bias):
+                got = row_invariant_linear(x[:tokens], weight, b)
+                assert got.shape == (tokens, shape[0]) and got._base is None
+                assert torch.equal(got, linear(x[:tokens], weight, b)), f"{tokens} rows, bias {b is not None}"
+
+
 def test_training_takes_the_differentiable_path():
     """oneDNN's inner product has no backward (torch warns and returns no gradient): with grad required, F.linear."""
     gen = torch.Generator().manual_seed(0)
