@@ -138,18 +138,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (0, 1, in), the layout BLAS runs fastest.
     `contiguous=False` may return a transposed view of the [T, out] result instead of copying it (the output head:
     a copy of [T, 262144] logits costs ~4 ms)."""
-    tokens = x.numel() // x.shape[-1]
-    out, inp = weight.shape
     if generic(x):
         return _generic.linear(x, weight, bias)
+    inference = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    if inference and weight.dtype == x.dtype and _float64_product(weight):  # checked first: ~1 us a call less
+        if torch.compiler.is_compiling():  # the same kernel, opaque to inductor (see `_row_invariant_linear`)
+            return _row_invariant_op(x, weight, bias)
+        return _float64_linear(x, weight, bias)  # x as it is: a reshape and a view cost ~1.7 us a call
+    tokens = x.numel() // x.shape[-1]
+    out, inp = weight.shape
     if not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    if (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and weight.dtype == x.dtype
-            and (_float64_product(weight) or x.dtype in _ONEDNN_DTYPES and _onednn_inner_product(x.dtype))):
-        rows = x.reshape(tokens, inp)
-        if torch.compiler.is_compiling():  # the same kernel, opaque to inductor (see `row_invariant_linear`)
-            return row_invariant_linear(rows, weight, bias).view(*x.shape[:-1], out)
-        return _row_invariant_linear(rows, weight, bias).view(*x.shape[:-1], out)
+    if inference and weight.dtype == x.dtype and x.dtype in _ONEDNN_DTYPES and _onednn_inner_product(x.dtype):
+        if torch.compiler.is_compiling():
+            return _row_invariant_op(x, weight, bias)
+        return _row_invariant_linear(x.reshape(tokens, inp), weight, bias).view(*x.shape[:-1], out)
     # Under torch.compile, a small float32 weight's product as an elementwise product summed over `in`: inductor
     # compiles it into a loop of its own, where F.linear calls BLAS, whose setup dominates a product this small
     # (the bundled target's 216 one-token products, weights out of cache, 1 thread: 3.8 ms through BLAS, 1.5 ms as
@@ -186,6 +189,17 @@ def _float64_product(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and weight.numel() <= _FLOAT64_WEIGHT
 
 
+def _row_invariant_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`row_invariant_linear` on x [..., in]: [..., out]."""
+    return row_invariant_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def _float64_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ weight^T (+ bias) in float64, rounded to x's dtype: [..., out] (see `linear`)."""
+    y = F.linear(x.double(), weight.double())
+    return (y if bias is None else y + bias).to(x.dtype)
+
+
 def _own(y: torch.Tensor) -> torch.Tensor:
     """y, or a copy of it where it is a view (an operator's output must own its memory)."""
     return y if y._base is None else y.clone()
@@ -200,8 +214,7 @@ def _row_invariant_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.
     whose conversions from bfloat16 ran ~4x slower than this kernel (the bundled target's compiled layer: ~330
     against ~80 us)."""
     if _float64_product(weight):
-        y = F.linear(rows.double(), weight.double())  # [T, out]
-        return (y if bias is None else y + bias).to(rows.dtype)
+        return _float64_linear(rows, weight, bias)
     one = rows.shape[0] == 1
     y = torch.ops.mkldnn._linear_pointwise(rows.expand(2, -1) if one else rows, weight, bias, "none", [], "")
     return y[:1] if one else y
