@@ -118,9 +118,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       the order, which changes the bfloat16 result only if the sum lies that close to a rounding boundary
       (measured on the bundled target's own products, a 200-token prompt and 100 decode steps: 10 of 7.4 million
       float64 sums depended on the order of their terms, no bfloat16 result). Measured on the bundled target, 1
-      thread: target-only decoding 45.5 -> 68.0 tokens/s eager and 82.9 -> 123 compiled (float32: 88 and 259),
-      greedy speculative (k = 4) 149 -> 187 eager, a 120-token prompt's prefill 45 -> 49 ms (load average
-      1.3-1.8, interleaved medians of 3). A one-row product with a 384 x 128 weight inside a decode step (weights
+      thread: target-only decoding 43.8 -> 68.9 tokens/s eager and 77.7 -> 118.8 compiled (float32: 84 and 239),
+      greedy speculative (k = 4, eager) 151 -> 187, a 120-token prompt's prefill 45 -> 50 ms (load average
+      0.5-1.0, interleaved medians of 3 runs, 6 compiled). A one-row product with a 384 x 128 weight inside a decode step (weights
       out of cache, load 2-3): ~27 us, against ~59 us through oneDNN (its setup per call, whatever the row
       count) and ~58 us with a float64 copy of the weight kept (4x bfloat16's bytes to read each step: the copy is
       made per call instead). With warm caches oneDNN is cheaper from a few rows on at the MLP's shapes (5 rows:
