@@ -104,6 +104,18 @@ class LayerKV:
         """Store this step's K/V [b, n_kv, S, d] and return the K/V [b, n_kv, T, d] the attention reads."""
         return self.cache._store(self.k, self.v, self.full, k, v)
 
+    def scatter_index(self) -> torch.Tensor | None:
+        """Where `update` puts the new K/V [B, n_kv, S, d] when it is one scatter along the sequence axis of the
+        whole buffers, which attention then reads whole: in a static cache, a forward over every row on the ring
+        path (every decode step and verify pass). [B, S]: the positions (full layers) or the ring slots (sliding
+        layers). None otherwise. The compiled forward (speculative/compiled.py) stores K/V with this alone."""
+        cache = self.cache
+        if not (cache.static and cache._rows == slice(0, cache.batch_size)):
+            return None
+        if self.full:
+            return cache._positions
+        return cache._ring_slots if cache._ring_path else None
+
 
 class KVCache:
     """K/V of every layer that owns K/V, for batch B, laid out per attention type as described above.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import generic as _generic
 from .generic import generic, generic_path  # noqa: F401  (generic_path: the switch tests use)
@@ -73,16 +74,19 @@ def row_invariant(t: torch.Tensor) -> bool:
     return t.dtype in _ONEDNN_DTYPES and _onednn_inner_product(t.dtype)
 
 
-_ONEDNN_WORKS: dict[torch.dtype, bool] = {}  # probed once per dtype, outside any compiled graph
+# probed once per dtype, outside any compiled graph. Keyed by the dtype's name: torch cannot reuse a nested compile
+# region (speculative/compiled.py) whose guards read a dict at a dtype key
+_ONEDNN_WORKS: dict[str, bool] = {}
 
 
 def _onednn_inner_product(dtype: torch.dtype) -> bool:
     """Whether this torch build and CPU run a oneDNN inner product in `dtype` (the op exists only in builds with
     oneDNN, and oneDNN refuses dtypes the CPU has no kernel for, e.g. float16 without AVX512-FP16). The answer is
     kept in a plain dict, which torch.compile reads as a constant (it cannot trace the probe itself)."""
-    if dtype not in _ONEDNN_WORKS:
-        _ONEDNN_WORKS[dtype] = _probe_onednn(dtype)
-    return _ONEDNN_WORKS[dtype]
+    name = str(dtype)
+    if name not in _ONEDNN_WORKS:
+        _ONEDNN_WORKS[name] = _probe_onednn(dtype)
+    return _ONEDNN_WORKS[name]
 
 
 @torch.compiler.disable
@@ -350,7 +354,11 @@ def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     if dtype != torch.float32 and n_kv * d < _HALF_MIN_WIDTH:
         q, k, v = q.float(), k.float(), v.float()
     g = nH // n_kv
-    rows = max(S, -(-_MIN_ROWS // g))  # queries per head after padding
+    least = -(-_MIN_ROWS // g)
+    # queries per head after padding. Under compilation with a symbolic S known to be >= least (S >= 2 in a verify
+    # graph), S itself: max() would make the expression Max(least, S), which torch's nested compile regions
+    # (speculative/compiled.py) cannot reuse across layers
+    rows = S if statically_known_true(S >= least) else max(S, least)
     if rows > S:
         q = torch.cat([q, q.new_zeros(B, nH, rows - S, d)], dim=2)
         if mask is not None:

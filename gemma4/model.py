@@ -185,8 +185,8 @@ class Gemma4Model(nn.Module):
         S = input_ids.shape[1]
         masks = step.masks
         x, ple = self.embed_prompt(input_ids, image_features)  # [B, S, H], [B, S, L, P]
-        if ple is not None:  # [L, B, S, P]: each layer's slice contiguous (a compiled layer's guards then see the
-            ple = ple.permute(2, 0, 1, 3).contiguous()  # same strides for every S)
+        if ple is not None:  # [L, B, S, P], a view: layer i reads ple[i]
+            ple = ple.permute(2, 0, 1, 3)
         rope = {
             t: rope_cos_sin(step.positions, self.config.rope[t], head_dim, x.dtype)
             for t, head_dim in {s.attention_type: s.head_dim for s in self.config.layers}.items()

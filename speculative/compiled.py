@@ -8,47 +8,59 @@ lives in the cache: a static cache (`KVCache(static=True)`) has one buffer shape
 layers attend over all `max_length` positions, masked) and writes through index tensors, and the Python bookkeeping
 (lengths, masks, rollbacks) runs outside the graphs, in `KVCache.begin`.
 
-Regional compilation: the target is compiled one decoder layer at a time (`Gemma4Model.run_step(...,
-run_layer=...)`). dynamo keeps a graph per set of guards, and the guards see only what a layer's code reads: its kind
-(attention type, owning or reusing K/V, widths) and the shapes and dtypes of its tensors, never its index (a layer
-reads its cache slot through a `LayerKV`, which holds the buffers, and every owning layer exports its K/V). So the
-bundled target's 24 layers compile 4 graphs (4 kinds) for a speculative generation, not 24 layers' worth of code,
-and a deeper model of the same kinds compiles nothing new. Each kind and token count calls a compiled function of
-its own (`layer_function`, one per process, shared by every model), so that a call finds its graph without trying
-the other kinds' guards. The embedding, per-layer inputs, rotary tables and head (a few dozen ops) run eagerly between
-the graphs.
+One function per pass: on the CPU a decode step or verify pass of the target is one compiled function
+(`target_pass`: embedding, per-layer inputs, rotary tables, every layer, final norm, head), called once per pass;
+the cache's bookkeeping (`KVCache.begin`, rollbacks) stays outside it. Compiled one layer at a time instead (24
+calls per pass of the bundled target), each call paid dynamo's guards and frame wrappers and inductor's Python
+wrapper again, and the ops between layers ran eagerly: 3.6-4.5 ms per one-token step, against 2.2-2.9 ms as one
+function (bundled target, float32, 1 thread, 2-core EPYC; BENCHMARKS.md). Inside the pass every layer is a call of
+a nested compile region (`torch.compiler.nested_compile_region`, `nested_layer`): torch traces one layer of each
+kind (attention type, owning or reusing K/V, widths) and reuses that graph for every other layer of the kind, and
+inductor compiles it once. A plain unrolled graph of the 24 layers took about twice the compile time (87 s for a
+one-token pass, against 38-49 s) for a step time within 10%. The cost that remains: a first process compiles the
+bundled pair in 52-53 s instead of 38 s (scripts/bench_warmup.py: 2 regions, larger ones, instead of 5). torch
+reuses a region only for a call whose inputs are tensors, sizes, constants and modules, with no side effect, so
+the cache enters as each layer's buffers and write index (`LayerKV.scatter_index`, `ScatterKV`), and the K/V a
+reuse layer reads are handed over outside the region.
 
-What is compiled, per kind of layer: a graph whose token count is symbolic (`dynamic=True`), which serves every
-verify length 2..K + 1, so a schedule whose draft length changes every round (auto, heuristic) compiles nothing
-after the warm-up (which runs every length); and the drafter's forward (one token per row; the length of the cache it reads symbolic, as in the layers). dynamo
-specialises a size of 1, so a pass of one token (auto's rounds without drafts, a budget's last round) would compile
-a graph per kind of its own: with a drafter it runs as two tokens instead, the token and a copy of it that the cache
-forgets at once (`CompiledSteps.forward`). For the bundled pair that leaves a first process 5 regions to compile
-instead of 9 (25 C++ kernels instead of 43), about a quarter less CPU time in its warm-up (BENCHMARKS.md, section
-11), for a one-token pass that costs what a two-token one does (17% fewer tokens/s when every step is one; auto
-runs few). A target-only generation runs one token every step and keeps a graph of one token per kind. Nothing in
-the layers may test the token count (a test is a guard, and a guard a graph per outcome): `linear` and `gelu_tanh`
-(gemma4/kernels.py) decide by the width under compilation. Prefill stays eager: it runs once per prompt, at a
-length no later call repeats. `fullgraph=True` turns any graph break into an error, so a change that breaks
-compilation fails loudly (tests/test_compiled.py counts compiled graphs). On CUDA, `mode="reduce-overhead"` adds
-CUDA graphs (the cache's buffers are marked as static addresses so the graphs write into them in place).
+What is compiled: a pass whose token count, number of rows and full-attention key length (the cache's size) are
+symbolic (`mark_dynamic_sizes`; a token count or row count of 1 and every other size are constants), which serves
+every verify length 2..K + 1, so a schedule whose draft length changes every round (auto, heuristic) compiles
+nothing after the warm-up (which runs every length); and the drafter's forward (one token per row; the length of
+the cache it reads symbolic). A size of 1 is a constant of its own graph, so a pass of one token (auto's rounds
+without drafts, a budget's last round) would compile a second pass: with a drafter it runs as two tokens instead,
+the token and a copy of it that the cache forgets at once (`CompiledSteps.forward`), for a one-token pass that
+costs what a two-token one does. A target-only generation runs one token every step and keeps a pass of one token.
+Nothing in the layers may test the token count (a test is a guard, and a guard a graph per outcome): `linear` and
+`gelu_tanh` (gemma4/kernels.py) decide by the width under compilation. Prefill stays eager: it runs once per
+prompt, at a length no later call repeats. `fullgraph=True` turns any graph break into an error, so a change that
+breaks compilation fails loudly (tests/test_compiled.py counts compiled graphs and the regions inside the pass).
+
+On CUDA the target is still compiled one decoder layer at a time (`Gemma4Model.run_step(..., run_layer=...)`,
+`CompiledSteps._run_layer`), with `mode="reduce-overhead"`, which adds CUDA graphs (the cache's buffers are marked
+as static addresses so the graphs write into them in place): a CUDA graph replays a layer without Python, so the
+costs above are the CPU's. dynamo keeps a graph per set of guards, and the guards see only what a layer's code
+reads: its kind and the shapes and dtypes of its tensors, never its index (a layer reads its cache slot through a
+`LayerKV`, which holds the buffers, and every owning layer exports its K/V), so the layers of one kind share a
+graph, and each kind and token count calls a compiled function of its own (`layer_function`).
 
 The first call of each shape compiles; `generate` runs those calls before its timed decode loop and reports them as
 `stats.compile_seconds`, once per pair and shapes (a later generation with the same rows, longest draft and cache
-size skips them: `loop.Steps.cold`). inductor keeps the kernels it compiled on disk (`cache_dir()`: torch's default folder in
-the temporary directory, or $TORCHINDUCTOR_CACHE_DIR), but that alone leaves a second process tracing every graph
-again through dynamo and AOTAutograd (46-56 s for the bundled pair on 2 cores; torch's `save_cache_artifacts` /
-`load_cache_artifacts` move the same entries and do not skip the tracing). So on the CPU each region is compiled
-ahead of time (`Precompiled`: dynamo's `aot_compile`) and stored, guards and all, in `precompiled_dir()`, a folder
-inside `cache_dir()`; a later process loads the stored functions and traces nothing (bundled pair: 3 s of warm-up
-against 46-56 s; BENCHMARKS.md, section 11). A stored function runs only on inputs its guards accept (others are
-compiled into a variant, stored too: `Precompiled`), and its file name holds a digest of the model code, torch, Python and the module switches, so an
-edit or an upgrade stores a new entry and never loads a stale one; entries that no process wrote or loaded for 30
-days are deleted whenever a new one is stored (`prune_store`), so old versions do not pile up. Delete
-`precompiled_dir()` to make the next process trace again, `cache_dir()` to start cold. The files are pickles written
-by torch, which run code when they are loaded: only this module writes and reads them, under names it derives, in
-that folder (the project's weights are read from safetensors only); never copy files there from elsewhere. On CUDA
-the regions are compiled in every process, as CUDA graphs (`mode="reduce-overhead"`) are not stored.
+size skips them: `loop.Steps.cold`). inductor keeps the kernels it compiled on disk (`cache_dir()`: torch's default
+folder in the temporary directory, or $TORCHINDUCTOR_CACHE_DIR), but that alone leaves a second process tracing
+every graph again through dynamo and AOTAutograd (46-56 s for the bundled pair on 2 cores; torch's
+`save_cache_artifacts` / `load_cache_artifacts` move the same entries and do not skip the tracing). So on the CPU
+each region (the target's pass, the drafter) is compiled ahead of time (`Precompiled`: dynamo's `aot_compile`) and
+stored, guards and all, in `precompiled_dir()`, a folder inside `cache_dir()`; a later process loads the stored
+functions and traces nothing (bundled pair: 2.4-2.7 s of warm-up; BENCHMARKS.md, section 11). A stored function runs
+only on inputs its guards accept (others are compiled into a variant, stored too: `Precompiled`), and its file name
+holds a digest of the model code, torch, Python and the module switches, so an edit or an upgrade stores a new entry
+and never loads a stale one; entries that no process wrote or loaded for 30 days are deleted whenever a new one is
+stored (`prune_store`), so old versions do not pile up. Delete `precompiled_dir()` to make the next process trace
+again, `cache_dir()` to start cold. The files are pickles written by torch, which run code when they are loaded:
+only this module writes and reads them, under names it derives, in that folder (the project's weights are read from
+safetensors only); never copy files there from elsewhere. On CUDA the regions are compiled in every process, as CUDA
+graphs (`mode="reduce-overhead"`) are not stored.
 
 The models' `functools.cache` helpers (constants such as RoPE's inverse frequencies, made once for eager mode) are
 pure functions of their arguments, so dynamo may trace through their cache: `allow_cached_helpers` tells it so, and
@@ -65,10 +77,13 @@ import re
 import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
 
+from gemma4.cache import KVCache
+from gemma4.config import FULL
 from gemma4.model import ModelOutput
 
 
@@ -99,35 +114,55 @@ class CompiledSteps:
 
         self._mode = mode
         self.warmed: set[tuple] = set()  # shapes a generation's warm-up ran (`loop.Steps.cold`)
-        self._layers: dict[tuple, object] = {}  # (kind of layer, one token?, one row?) -> its compiled function
+        self._whole = target.device.type == "cpu"  # one function per pass, through the precompile store
+        self._layers: dict[tuple, object] = {}  # CUDA: (kind of layer, one token?, one row?) -> its compiled function
         self._run_step = target.run_step
+        self._target = target
+        self._passes: dict[tuple, object] = {}  # (one token?, one row?) -> the whole pass's compiled function
         self._drafter = drafter
         if drafter is not None:
             # dynamic: the full-attention views it reads are as long as the target's cache (one graph for all)
-            self._drafter_step = region("drafter", drafter_step, drafter, dynamic=True, mode=mode)
+            self._drafter_step = (precompiled_region("drafter", drafter_step, drafter, dynamic=True) if self._whole
+                                  else torch.compile(drafter_step, fullgraph=True, dynamic=True, mode=mode))
 
     def forward(self, input_ids: torch.Tensor, cache):
         """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static). With a
-        drafter, one token runs as two, the token and a copy of it that is forgotten at once, so that the graphs of
-        2+ tokens serve every pass and no graph of one token is compiled (module docstring)."""
+        drafter, one token runs as two, the token and a copy of it that is forgotten at once, so that the graph of
+        2+ tokens serves every pass and no graph of one token is compiled (module docstring)."""
         S = input_ids.shape[1]
         if S > 1 or self._drafter is None:
-            return self._run_step(input_ids, cache.begin(S), cache, S, run_layer=self._run_layer)
-        out = self._run_step(input_ids.expand(-1, 2).contiguous(), cache.begin(2), cache, 2,
-                             run_layer=self._run_layer)  # [B, 2, V], [B, 2, H]
+            return self._pass(input_ids, cache.begin(S), cache)
+        out = self._pass(input_ids.expand(-1, 2).contiguous(), cache.begin(2), cache)  # [B, 2, V], [B, 2, H]
         cache.rollback(1)
         return ModelOutput(out.logits[:, :1], out.hidden_states[:, :1])
 
+    def _pass(self, input_ids: torch.Tensor, step, cache) -> ModelOutput:
+        """The target's forward over the positions `step` reserved: one compiled function for the whole pass on
+        the CPU, one per layer on CUDA (module docstring)."""
+        B, S = input_ids.shape
+        if not self._whole:
+            return self._run_step(input_ids, step, cache, S, run_layer=self._run_layer)
+        key = (S == 1, B == 1)
+        compiled = self._passes.get(key)
+        if compiled is None:
+            name = "target" + ("_one_token" if S == 1 else "") + ("" if B == 1 else "_rows")
+            compiled = self._passes[key] = precompiled_region(name, target_pass, self._target, dynamic=None,
+                                                              rows=B, mark=mark_dynamic_sizes)
+        return ModelOutput(*compiled(self._target, input_ids, step, cache))
+
     def _run_layer(self, layer, x, *inputs):
-        """layer(x, *inputs) through the compiled function of its kind and token count (`layer_function`)."""
+        """layer(x, *inputs) through the compiled function of its kind and token count (`layer_function`). The
+        per-layer input, a strided view, is passed contiguous: the guards then see the same strides for every S."""
+        if inputs[-1] is not None:
+            inputs = (*inputs[:-1], inputs[-1].contiguous())
         spec = layer.self_attn.spec
         key = (spec.attention_type, spec.head_dim, spec.num_kv_heads, spec.kv_mode == "reuse", spec.has_v_proj,
                spec.mlp_width, x.shape[1] == 1, x.shape[0] == 1)
         compiled = self._layers.get(key)
         if compiled is None:
             name = "_".join(map(str, key[:-1]))  # the rows belong to the store's key, not to dynamo's code object
-            compiled = self._layers[key] = region(name, layer_function(name), layer, dynamic=True, mode=self._mode,
-                                                  rows=x.shape[0])
+            compiled = self._layers[key] = torch.compile(layer_function(name), fullgraph=True, dynamic=True,
+                                                          mode=self._mode)
         return compiled(layer, x, *inputs)
 
     def step(self, target, token, hidden, position, views, context=None):
@@ -141,14 +176,101 @@ def drafter_step(drafter, inputs_embeds, position, views, context):
     return drafter(inputs_embeds, position, views, context)
 
 
+def target_pass(model, input_ids, step, cache):
+    """The CPU's compiled function: the target's whole forward over the positions `step` reserved (embedding,
+    per-layer inputs, rotary tables, every layer, final norm, head), each layer through `nested_layer`."""
+    out = model.run_step(input_ids, step, cache, input_ids.shape[1], run_layer=nested_layer)
+    return out.logits, out.hidden_states
+
+
+def nested_layer(layer, x, cos, sin, mask, kv, shared, per_layer_input):
+    """`layer(x, cos, sin, mask, kv, shared, per_layer_input)` as a nested compile region (module docstring).
+    torch reuses a region's graph for a later call only if the call passes tensors, sizes, constants and modules
+    alone and has no side effect, so the cache's part is passed as its buffers and write index
+    (`LayerKV.scatter_index`), and the K/V handed to the reuse layers through `shared` (those of their type's
+    last owning layer, which attention reads whole) are set here, outside the region. A layer whose store is more
+    than one scatter (not on the ring path), or whose attention pads a symbolic token count (`reusable`), runs
+    inline."""
+    kind = layer.self_attn.kind
+    if kv is None:
+        k, v = shared[kind]
+        if not reusable(layer, x, k):
+            return layer(x, cos, sin, mask, kv, shared, per_layer_input)
+        return reusing_layer(layer, x, cos, sin, mask, k, v, per_layer_input)
+    index = kv.scatter_index()
+    if index is None or not reusable(layer, x, kv.k):
+        return layer(x, cos, sin, mask, kv, shared, per_layer_input)
+    shared[kind] = (kv.k, kv.v)
+    return owning_layer(layer, x, cos, sin, mask, kv.k, kv.v, index, per_layer_input)
+
+
+def reusable(layer, x: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether torch can reuse a nested region's graph for this layer. Attention pads the queries of a KV head to
+    at least `kernels._MIN_ROWS` rows: with a symbolic token count S that may fall short (S >= 2 and one query head
+    per KV head), the padded size is the expression max(S, 4), which torch's reuse of a region's graph cannot map
+    (its stamp-out fails), so such layers run inline. A constant S always passes."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    from gemma4 import kernels
+
+    S, per_kv_head = x.shape[1], layer.self_attn.q_proj.out_features // layer.self_attn.head_dim // k.shape[1]
+    return isinstance(S, int) or statically_known_true(S >= -(-kernels._MIN_ROWS // per_kv_head))
+
+
+@torch.compiler.nested_compile_region
+def owning_layer(layer, x, cos, sin, mask, k_buffer, v_buffer, index, per_layer_input):
+    return layer(x, cos, sin, mask, ScatterKV(k_buffer, v_buffer, index), {}, per_layer_input)
+
+
+@torch.compiler.nested_compile_region
+def reusing_layer(layer, x, cos, sin, mask, k, v, per_layer_input):
+    return layer(x, cos, sin, mask, None, {layer.self_attn.kind: (k, v)}, per_layer_input)
+
+
+class ScatterKV:
+    """A `LayerKV` whose store is one scatter at `index` ([B, S]) along the sequence axis of whole buffers
+    [B, n_kv, T, d], which attention then reads whole: what `LayerKV.update` does where `scatter_index` is
+    not None, made of tensors alone (`nested_layer`)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor):
+        self.k, self.v, self.index = k, v, index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        KVCache._scatter(self.k, self.v, self.index, k, v)
+        return self.k, self.v
+
+
+def mark_dynamic_sizes(model, input_ids, step, cache) -> None:
+    """Mark symbolic, in every tensor of a pass that has them (`Precompiled`): the token count (2+), the number of
+    rows (2+) and the full-attention layers' key length (the cache's size), so that one graph serves every verify
+    length, batch size and generation length. The other sizes stay constants. A size of 1 stays a constant: it has
+    graphs of its own (`CompiledSteps._pass`)."""
+    B, S = input_ids.shape
+    dims = [d for d, size in ((0, B), (1, S)) if size > 1]
+    layers = [cache.layer(spec.index) for spec in cache.config.layers if spec.kv_mode != "reuse"]
+    index = [kv.scatter_index() for kv in layers]
+    for tensor in [input_ids, step.positions, *step.masks.values(), *[i for i in index if i is not None]]:
+        for d in dims:
+            torch._dynamo.mark_dynamic(tensor, d)
+    if B > 1:
+        for buffer in cache.buffers():
+            torch._dynamo.mark_dynamic(buffer, 0)
+    for kv in layers:
+        if kv.full:  # [B, n_kv, T, d], and the mask [B, S, T] over them
+            torch._dynamo.mark_dynamic(kv.k, 2)
+            torch._dynamo.mark_dynamic(kv.v, 2)
+    if FULL in step.masks:
+        torch._dynamo.mark_dynamic(step.masks[FULL], 2)
+
+
 @functools.cache
 def layer_function(name: str):
-    """`layer(*inputs)` as a function with a code object of its own. dynamo keeps its graphs on the code object and,
-    on every call, checks their guards until one set passes. With one function for every layer (4 graphs in a
-    target-only generation of the bundled target) finding the graph took 204 us a call, 16% of a compiled decode
-    step's CPU time (torch.profiler, 2-core EPYC at load 6.4); with one function per kind and token count, 122 us
-    (load 7). Made once per name and process, so that models of the same kinds share the graphs (their guards tell
-    models apart)."""
+    """CUDA's regions: `layer(*inputs)` as a function with a code object of its own. dynamo keeps its graphs on the
+    code object and, on every call, checks their guards until one set passes. With one function for every layer
+    (4 graphs in a target-only generation of the bundled target) finding the graph took 204 us a call, 16% of a
+    compiled decode step's CPU time (torch.profiler, 2-core EPYC at load 6.4); with one function per kind and
+    token count, 122 us (load 7). Made once per name and process, so that models of the same kinds share the
+    graphs (their guards tell models apart)."""
     def run_layer(layer, *inputs):
         return layer(*inputs)
 
@@ -163,18 +285,21 @@ def layer_function(name: str):
 CPU_OPTIONS = {"size_asserts": False, "emulate_precision_casts": True}
 
 
-def region(name: str, function, module, *, dynamic: bool, mode, rows: int = 1):
-    """`function(module, ...)` compiled: through the precompile store on the CPU (`Precompiled`), with
-    `torch.compile` alone elsewhere (CUDA graphs are not stored)."""
-    if mode is not None or module_device(module).type != "cpu":
-        return torch.compile(function, fullgraph=True, dynamic=dynamic, mode=mode)
-    return precompiled(name, function, structure(module, rows), dynamic)
+def precompiled_region(name: str, function, module, *, dynamic: bool | None, rows: int = 1,
+                       mark=None) -> Precompiled:
+    """`function(module, ...)` compiled through the precompile store (`Precompiled`), one per region, process
+    and setting of the module switches, shared by every model of that structure."""
+    from gemma4 import generic, kernels
+
+    return precompiled(name, function, structure(module, rows), dynamic, mark, kernels.row_invariant_float32(),
+                       generic._on_cpu)
 
 
 @functools.cache
-def precompiled(name: str, function, structure: str, dynamic: bool) -> Precompiled:
-    """One `Precompiled` per region and process, shared by every model of that structure (as `layer_function`)."""
-    return Precompiled(name, function, structure, dynamic)
+def precompiled(name: str, function, structure: str, dynamic: bool | None, mark, *switches) -> Precompiled:
+    """Keyed on the module switches too (`switches`): a region made under another setting holds a stored function
+    whose guards refuse this one's inputs, and every call would trace again."""
+    return Precompiled(name, function, structure, dynamic, mark)
 
 
 class Precompiled:
@@ -197,9 +322,10 @@ class Precompiled:
     `precompiled_dir()` that it writes itself, under the names it derives, with the trust inductor's own cache
     (compiled kernels loaded from the same folder) already asks for. Never copy a file there from elsewhere."""
 
-    def __init__(self, name: str, function, structure: str, dynamic: bool):
+    def __init__(self, name: str, function, structure: str, dynamic: bool | None, mark=None):
         self.path = precompiled_dir() / f"{name}-{store_key(name, structure, dynamic)}.pt2"  # the first variant
-        self.function, self.dynamic = function, dynamic
+        # dynamic=None: sizes are static unless `mark(*args)` marks them symbolic (`mark_dynamic_sizes`)
+        self.function, self.dynamic, self.mark = function, dynamic, mark
         self.traced = torch.compile(function, fullgraph=True, dynamic=dynamic,  # past MAX_VARIANTS
                                     options=CPU_OPTIONS)
         self.variants: list | None = None  # the stored functions, loaded at the first call
@@ -213,7 +339,10 @@ class Precompiled:
                     self.variants.insert(0, self.variants.pop(i))
                 return stored.fn(*args)
         if len(self.variants) >= MAX_VARIANTS:
-            return self.traced(*args)
+            if self.mark is not None:
+                self.mark(*args)
+            with torch._dynamo.config.patch(specialize_float=True):  # as `store`: a nested region takes no float
+                return self.traced(*args)
         self.variants.insert(0, self.store(args))
         return self.variants[0].fn(*args)
 
@@ -237,6 +366,8 @@ class Precompiled:
         # function cannot recompile. The guards keep only what a new process can check (`storable_guards`).
         with torch._dynamo.config.patch(specialize_float=True), torch.fx.experimental._config.patch(
                 use_duck_shape=False):
+            if self.mark is not None:
+                self.mark(*args)
             compiler = torch.compile(self.function, fullgraph=True, dynamic=self.dynamic,
                                      options={**CPU_OPTIONS, "guard_filter_fn": storable_guards})
             stored = compiler.aot_compile((args, {}))
@@ -327,9 +458,14 @@ def allow_cached_helpers() -> None:
                     allow(value)
 
 
+# target -> {id(drafter): (drafter, its CompiledSteps)}. Not an attribute of the target: the target is an argument of
+# its compiled pass, and a stored function's guards are pickled with it (the compiled steps cannot be).
+STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def compiled_steps(target, drafter) -> CompiledSteps:
-    """The CompiledSteps of this (target, drafter) pair, made once and kept on the target."""
-    cache = target.__dict__.setdefault("_compiled_steps", {})
+    """The CompiledSteps of this (target, drafter) pair, made once per pair (`STEPS`)."""
+    cache = STEPS.setdefault(target, {})
     key = id(drafter)
     if key not in cache or cache[key][0] is not drafter:
         cache[key] = (drafter, CompiledSteps(target, drafter))

@@ -113,24 +113,44 @@ def test_a_compiled_conversation_equals_the_eager_one():
     assert [how for _, how in fast.result] == ["new", "continued", "restored"]
 
 
-def test_layers_of_one_kind_share_their_compiled_graphs():
-    """Regional compilation (speculative/compiled.py): one graph per kind of layer and shape, reused by every layer
-    of that kind, so a target with twice the layers of the same kinds compiles nothing new (the whole-model graph
-    compiled every model again, and every layer of a model apart from the others)."""
-    target, drafter = small_pair()
-    compare(target, drafter, prompt(30), max_new_tokens=12, num_draft_tokens=3)
-    before = graphs()
-    deeper, deeper_drafter = small_pair(layers=4)
-    assert len(deeper.layers) == 4
-    compare(deeper, deeper_drafter, prompt(30, seed=5), max_new_tokens=12, num_draft_tokens=3)
-    assert graphs() == before
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_the_whole_pass_compiles_each_kind_of_layer_once(tokens):
+    """The compiled pass (speculative/compiled.py) is one graph for the whole target, in which every layer is a call
+    of a nested region and the layers of one kind share one: a 4-layer and an 8-layer target of the same 2 kinds
+    (sliding, full) both trace 2 regions, called once per layer, for one token and for a symbolic count (torch
+    inlines a region called once: a kind needs 2 layers). Traced with a backend that only looks at the graph (no
+    kernels compiled)."""
+    seen = []
+
+    def backend(graph, example_inputs):
+        calls = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+        seen.append((len({n.args[0].target for n in calls}), len(calls)))
+        return graph
+
+    compiled.allow_cached_helpers()  # as `CompiledSteps` does
+    for layers in (4, 8):
+        target, _ = small_pair(layers=layers)
+        cache = target.new_cache(max_length=64, static=True)
+        ids = torch.tensor([prompt(tokens, seed=layers)])
+        with torch.inference_mode():
+            target(torch.tensor([prompt(20)]), cache)
+            step = cache.begin(tokens)
+            compiled.mark_dynamic_sizes(target, ids, step, cache)
+            torch._dynamo.reset()
+            with torch._dynamo.config.patch(specialize_float=True):
+                traced = torch.compile(compiled.target_pass, fullgraph=True, backend=backend)
+                logits, _ = traced(target, ids, step, cache)
+            cache.rollback(tokens)
+            want = target(ids, cache).logits
+        torch.testing.assert_close(logits, want)
+    assert seen == [(2, 4), (2, 8)]
 
 
 def forget_compiled(target) -> None:
     """What a new process starts without: dynamo's graphs, the regions' functions and the pair's compiled steps."""
     torch._dynamo.reset()
     compiled.precompiled.cache_clear()
-    target.__dict__.pop("_compiled_steps", None)
+    compiled.STEPS.pop(target, None)
 
 
 def test_a_second_process_loads_the_stored_functions_and_traces_nothing(tmp_path, monkeypatch):
@@ -147,7 +167,7 @@ def test_a_second_process_loads_the_stored_functions_and_traces_nothing(tmp_path
     try:
         first = generate(target, drafter, ids, compile=True, **short)
         stored = sorted(p.name for p in tmp_path.iterdir())
-        assert len(stored) == 3, stored  # 2 kinds (one graph for every token count), the drafter
+        assert len(stored) == 2, stored  # the target's pass (one graph for every token count), the drafter
         first_long = generate(target, drafter, ids, compile=True, **long)
         stored = sorted(p.name for p in tmp_path.iterdir())
         forget_compiled(target)
@@ -202,6 +222,27 @@ def test_a_stored_function_runs_only_where_its_key_and_guards_hold(tmp_path, mon
     assert region(module).path == first.path
     monkeypatch.setattr(compiled, "source_digest", lambda: "edited")
     assert region(module).path != first.path
+
+
+def test_a_region_belongs_to_one_setting_of_the_module_switches(tmp_path, monkeypatch):
+    """`precompiled_region` gives a region per setting of the module switches (row invariance, the generic path):
+    a region made under another setting would hold a stored function whose guards refuse this one's inputs, so that
+    every call traced again. Switching back finds the first region again."""
+    from gemma4 import generic, kernels
+
+    monkeypatch.setattr(compiled, "precompiled_dir", lambda: tmp_path)
+    module, function = torch.nn.Linear(8, 4), compiled.layer_function("test_switches")
+    first = compiled.precompiled_region("test_switches", function, module, dynamic=True)
+    kernels.set_row_invariant_float32(not kernels.row_invariant_float32())
+    try:
+        flipped = compiled.precompiled_region("test_switches", function, module, dynamic=True)
+    finally:
+        kernels.set_row_invariant_float32(not kernels.row_invariant_float32())
+    with generic.generic_path():
+        generic_region = compiled.precompiled_region("test_switches", function, module, dynamic=True)
+    assert len({id(first), id(flipped), id(generic_region)}) == 3
+    assert len({first.path, flipped.path, generic_region.path}) == 3
+    assert compiled.precompiled_region("test_switches", function, module, dynamic=True) is first
 
 
 def test_the_store_deletes_only_its_own_entries_unused_for_a_month(tmp_path):
