@@ -113,7 +113,7 @@ class LayerKV:
         if not (cache.static and cache._rows == slice(0, cache.batch_size)):
             return None
         if self.full:
-            return cache._positions
+            return cache._positions if cache._keys == self.k.shape[2] else None
         return cache._ring_slots if cache._ring_path else None
 
 
