@@ -112,8 +112,8 @@ class LayerKV:
         cache = self.cache
         if not (cache.static and cache._rows == slice(0, cache.batch_size)):
             return None
-        if self.full:
-            return cache._positions if cache._keys == self.k.shape[2] else None
+        if self.full:  # a static cache's full layers attend over their whole buffers (`_keys` is their length)
+            return cache._positions
         return cache._ring_slots if cache._ring_path else None
 
 
