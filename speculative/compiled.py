@@ -12,13 +12,13 @@ One function per pass: on the CPU a decode step or verify pass of the target is 
 (`target_pass`: embedding, per-layer inputs, rotary tables, every layer, final norm, head), called once per pass;
 the cache's bookkeeping (`KVCache.begin`, rollbacks) stays outside it. Compiled one layer at a time instead (24
 calls per pass of the bundled target), each call paid dynamo's guards and frame wrappers and inductor's Python
-wrapper again, and the ops between layers ran eagerly: 3.6-4.5 ms per one-token step, against 2.2-2.9 ms as one
-function (bundled target, float32, 1 thread, 2-core EPYC; BENCHMARKS.md). Inside the pass every layer is a call of
+wrapper again, and the ops between layers ran eagerly: 4.4-4.6 ms per one-token step, against 2.8-3.1 ms as one
+function (bundled target, float32, 1 thread, 2-core EPYC at load 0.9-1.2, interleaved runs). Inside the pass every layer is a call of
 a nested compile region (`torch.compiler.nested_compile_region`, `nested_layer`): torch traces one layer of each
 kind (attention type, owning or reusing K/V, widths) and reuses that graph for every other layer of the kind, and
 inductor compiles it once. A plain unrolled graph of the 24 layers took about twice the compile time (87 s for a
 one-token pass, against 38-49 s) for a step time within 10%. The cost that remains: a first process compiles the
-bundled pair in 52-53 s instead of 38 s (scripts/bench_warmup.py: 2 regions, larger ones, instead of 5). torch
+bundled pair in 56-60 s instead of 38 s (scripts/bench_warmup.py: 2 regions, larger ones, instead of 5). torch
 reuses a region only for a call whose inputs are tensors, sizes, constants and modules, with no side effect, so
 the cache enters as each layer's buffers and write index (`LayerKV.scatter_index`, `ScatterKV`), and the K/V a
 reuse layer reads are handed over outside the region.
@@ -52,7 +52,7 @@ every graph again through dynamo and AOTAutograd (46-56 s for the bundled pair o
 `save_cache_artifacts` / `load_cache_artifacts` move the same entries and do not skip the tracing). So on the CPU
 each region (the target's pass, the drafter) is compiled ahead of time (`Precompiled`: dynamo's `aot_compile`) and
 stored, guards and all, in `precompiled_dir()`, a folder inside `cache_dir()`; a later process loads the stored
-functions and traces nothing (bundled pair: 2.4-2.7 s of warm-up; BENCHMARKS.md, section 11). A stored function runs
+functions and traces nothing (bundled pair: 2.9-3.0 s of warm-up; BENCHMARKS.md, section 11). A stored function runs
 only on inputs its guards accept (others are compiled into a variant, stored too: `Precompiled`), and its file name
 holds a digest of the model code, torch, Python and the module switches, so an edit or an upgrade stores a new entry
 and never loads a stale one; entries that no process wrote or loaded for 30 days are deleted whenever a new one is
