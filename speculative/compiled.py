@@ -13,15 +13,15 @@ One function per pass: on the CPU a decode step or verify pass of the target is 
 the cache's bookkeeping (`KVCache.begin`, rollbacks) stays outside it. Compiled one layer at a time instead (24
 calls per pass of the bundled target), each call paid dynamo's guards and frame wrappers and inductor's Python
 wrapper again, and the ops between layers ran eagerly: 4.4-4.6 ms per one-token step, against 2.8-3.1 ms as one
-function (bundled target, float32, 1 thread, 2-core EPYC at load 0.9-1.2, interleaved runs). Inside the pass every layer is a call of
-a nested compile region (`torch.compiler.nested_compile_region`, `nested_layer`): torch traces one layer of each
-kind (attention type, owning or reusing K/V, widths) and reuses that graph for every other layer of the kind, and
-inductor compiles it once. A plain unrolled graph of the 24 layers took about twice the compile time (87 s for a
-one-token pass, against 38-49 s) for a step time within 10%. The cost that remains: a first process compiles the
-bundled pair in 56-60 s instead of 38 s (scripts/bench_warmup.py: 2 regions, larger ones, instead of 5). torch
-reuses a region only for a call whose inputs are tensors, sizes, constants and modules, with no side effect, so
-the cache enters as each layer's buffers and write index (`LayerKV.scatter_index`, `ScatterKV`), and the K/V a
-reuse layer reads are handed over outside the region.
+function (bundled target, float32, 1 thread, 2-core EPYC at load 0.9-1.2, interleaved runs). Inside the pass every
+layer is a call of a nested compile region (`torch.compiler.nested_compile_region`, `nested_layer`): torch traces
+one layer of each kind (attention type, owning or reusing K/V, widths) and reuses that graph for every other layer
+of the kind, and inductor compiles it once. A plain unrolled graph of the 24 layers took about twice the compile
+time (87 s for a one-token pass, against 38-49 s) for a step time within 10%. The cost that remains: a first process
+compiles the bundled pair in 56-60 s instead of 38 s (scripts/bench_warmup.py: 2 regions, larger ones, instead of
+5). torch reuses a region only for a call whose inputs are tensors, sizes, constants and modules, with no side
+effect, so the cache enters as each layer's buffers and write index (`LayerKV.scatter_index`, `ScatterKV`), and the
+K/V a reuse layer reads are handed over outside the region.
 
 What is compiled: a pass whose token count, number of rows and full-attention key length (the cache's size) are
 symbolic (`mark_dynamic_sizes`; a token count or row count of 1 and every other size are constants), which serves
