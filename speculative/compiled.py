@@ -119,6 +119,8 @@ class CompiledSteps:
         self._run_step = target.run_step
         self._target = target
         self._passes: dict[tuple, object] = {}  # (one token?, one row?) -> the whole pass's compiled function
+        if self._whole:
+            prepare_regions(target)
         self._drafter = drafter
         if drafter is not None:
             # dynamic: the full-attention views it reads are as long as the target's cache (one graph for all)
@@ -183,6 +185,15 @@ def target_pass(model, input_ids, step, cache):
     return out.logits, out.hidden_states
 
 
+def target_pass_inline(model, input_ids, step, cache):
+    """`target_pass` with every layer inline (one unrolled graph, about twice the compile time). torch 2.13
+    sometimes fails to reuse a nested region's graph in a process that compiled other passes before (a KeyError
+    inside its invoke_subgraph; seen in the test suite, the bundled target compiled after small test models):
+    `Precompiled.store` then compiles this instead, the same function."""
+    out = model.run_step(input_ids, step, cache, input_ids.shape[1])
+    return out.logits, out.hidden_states
+
+
 def nested_layer(layer, x, cos, sin, mask, kv, shared, per_layer_input):
     """`layer(x, cos, sin, mask, kv, shared, per_layer_input)` as a nested compile region (module docstring).
     torch reuses a region's graph for a later call only if the call passes tensors, sizes, constants and modules
@@ -196,12 +207,12 @@ def nested_layer(layer, x, cos, sin, mask, kv, shared, per_layer_input):
         k, v = shared[kind]
         if not reusable(layer, x, k):
             return layer(x, cos, sin, mask, kv, shared, per_layer_input)
-        return reusing_layer(layer, x, cos, sin, mask, k, v, per_layer_input)
+        return layer.compiled_regions[1](layer, x, cos, sin, mask, k, v, per_layer_input)
     index = kv.scatter_index()
     if index is None or not reusable(layer, x, kv.k):
         return layer(x, cos, sin, mask, kv, shared, per_layer_input)
     shared[kind] = (kv.k, kv.v)
-    return owning_layer(layer, x, cos, sin, mask, kv.k, kv.v, index, per_layer_input)
+    return layer.compiled_regions[0](layer, x, cos, sin, mask, kv.k, kv.v, index, per_layer_input)
 
 
 def reusable(layer, x: torch.Tensor, k: torch.Tensor) -> bool:
@@ -217,14 +228,28 @@ def reusable(layer, x: torch.Tensor, k: torch.Tensor) -> bool:
     return isinstance(S, int) or statically_known_true(S >= -(-kernels._MIN_ROWS // per_kv_head))
 
 
-@torch.compiler.nested_compile_region
-def owning_layer(layer, x, cos, sin, mask, k_buffer, v_buffer, index, per_layer_input):
-    return layer(x, cos, sin, mask, ScatterKV(k_buffer, v_buffer, index), {}, per_layer_input)
+def prepare_regions(target) -> None:
+    """Give every layer of `target` its nested compile regions (`layer_regions`), as a plain attribute that
+    `nested_layer` reads while torch traces the pass (the structure is read here, in eager code)."""
+    for layer in target.layers:
+        layer.__dict__["compiled_regions"] = layer_regions(structure(layer, 2))
 
 
-@torch.compiler.nested_compile_region
-def reusing_layer(layer, x, cos, sin, mask, k, v, per_layer_input):
-    return layer(x, cos, sin, mask, None, {layer.self_attn.kind: (k, v)}, per_layer_input)
+@functools.cache
+def layer_regions(structure: str):
+    """(owning_layer, reusing_layer): the nested compile regions of the layers of one structure (`structure`:
+    parameter names, shapes and dtypes). torch keeps what it traced of a region with the region's function, and a
+    region shared by layers of two models of other sizes failed to trace in the second (a KeyError inside torch's
+    invoke_subgraph: a process that compiled a small test model, then the bundled target), so each structure has
+    functions of its own (`prepare_regions`)."""
+    def owning_layer(layer, x, cos, sin, mask, k_buffer, v_buffer, index, per_layer_input):
+        return layer(x, cos, sin, mask, ScatterKV(k_buffer, v_buffer, index), {}, per_layer_input)
+
+    def reusing_layer(layer, x, cos, sin, mask, k, v, per_layer_input):
+        return layer(x, cos, sin, mask, None, {layer.self_attn.kind: (k, v)}, per_layer_input)
+
+    return (torch.compiler.nested_compile_region(owning_layer),
+            torch.compiler.nested_compile_region(reusing_layer))
 
 
 class ScatterKV:
@@ -255,12 +280,12 @@ def mark_dynamic_sizes(model, input_ids, step, cache) -> None:
     if B > 1:
         for buffer in cache.buffers():
             torch._dynamo.mark_dynamic(buffer, 0)
-    for kv in layers:
+    for kv in layers:  # maybe: where the code tests T (one key block or several), that graph keeps it constant
         if kv.full:  # [B, n_kv, T, d], and the mask [B, S, T] over them
-            torch._dynamo.mark_dynamic(kv.k, 2)
-            torch._dynamo.mark_dynamic(kv.v, 2)
+            torch._dynamo.maybe_mark_dynamic(kv.k, 2)
+            torch._dynamo.maybe_mark_dynamic(kv.v, 2)
     if FULL in step.masks:
-        torch._dynamo.mark_dynamic(step.masks[FULL], 2)
+        torch._dynamo.maybe_mark_dynamic(step.masks[FULL], 2)
 
 
 @functools.cache
@@ -370,7 +395,14 @@ class Precompiled:
                 self.mark(*args)
             compiler = torch.compile(self.function, fullgraph=True, dynamic=self.dynamic,
                                      options={**CPU_OPTIONS, "guard_filter_fn": storable_guards})
-            stored = compiler.aot_compile((args, {}))
+            try:
+                stored = compiler.aot_compile((args, {}))
+            except KeyError:  # torch's reuse of a nested region failed (`target_pass_inline`)
+                if self.function is not target_pass:
+                    raise
+                compiler = torch.compile(target_pass_inline, fullgraph=True, dynamic=self.dynamic,
+                                         options={**CPU_OPTIONS, "guard_filter_fn": storable_guards})
+                stored = compiler.aot_compile((args, {}))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         index = len(self.variants)
         while self.variant_path(index).exists():  # another process stored one meanwhile: keep it

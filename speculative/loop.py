@@ -95,8 +95,9 @@ def new_session_cache(target, drafter=None, *, static: bool = False) -> KVCache:
     MAX_DRAFT_TOKENS) and the drafter's sliding history, with the config's ring geometry (the same as a fresh
     `generate`); the full-attention buffers grow as the conversation does (`static=True`, for `compile=True`:
     before each generation, never within one)."""
-    return target.new_cache(batch_size=1, max_length=KEY_BLOCK, max_rollback=MAX_DRAFT_TOKENS + 1,
-                            min_sliding_history=getattr(drafter, "sliding_history", 0), static=static)
+    with torch.inference_mode():  # as `generate`'s own caches (a compiled step's guards tell the two kinds apart)
+        return target.new_cache(batch_size=1, max_length=KEY_BLOCK, max_rollback=MAX_DRAFT_TOKENS + 1,
+                                min_sliding_history=getattr(drafter, "sliding_history", 0), static=static)
 
 
 @torch.inference_mode()

@@ -297,7 +297,8 @@ class Session:
             try:
                 if snapshot is None or snapshot.length < common or snapshot.length > cache.length:
                     raise CacheError("no ring snapshot at or after the common prefix")
-                cache.restore_rings(snapshot)
+                with torch.inference_mode():  # the cache's buffers are inference tensors (`_new_cache`)
+                    cache.restore_rings(snapshot)
                 cache.rollback(snapshot.length - common)
             except CacheError:
                 back = len(self.tokens) - 1 - common
@@ -316,9 +317,10 @@ class Session:
         config, history = self.target.config, getattr(self.drafter, "sliding_history", 0)
         kept = max(config.sliding_window - 1, history) if SLIDING in config.layer_types else 0
         reach = sliding_capacity(config) - kept if SLIDING in config.layer_types else MAX_DRAFT_TOKENS + 1
-        self._cache = self.target.new_cache(batch_size=1, max_length=KEY_BLOCK,
-                                            max_rollback=max(MAX_DRAFT_TOKENS + 1, reach), min_sliding_history=history,
-                                            static=self.options["compile"])
+        with torch.inference_mode():  # as `generate`'s own caches: a compiled step's guards tell the two kinds apart
+            self._cache = self.target.new_cache(batch_size=1, max_length=KEY_BLOCK,
+                                                max_rollback=max(MAX_DRAFT_TOKENS + 1, reach),
+                                                min_sliding_history=history, static=self.options["compile"])
         self._snapshot = None
 
     def _after_interrupt(self, prompt_len: int, emitted: int) -> None:

@@ -130,6 +130,7 @@ def test_the_whole_pass_compiles_each_kind_of_layer_once(tokens):
     compiled.allow_cached_helpers()  # as `CompiledSteps` does
     for layers in (4, 8):
         target, _ = small_pair(layers=layers)
+        compiled.prepare_regions(target)  # as `CompiledSteps` does
         cache = target.new_cache(max_length=64, static=True)
         ids = torch.tensor([prompt(tokens, seed=layers)])
         with torch.inference_mode():
