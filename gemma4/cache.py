@@ -335,10 +335,7 @@ class KVCache:
         size = padded(max_length)
         for layer in self._k:
             if self.config.layers[layer].attention_type == FULL and self._k[layer].shape[2] < size:
-                for store in (self._k, self._v):
-                    old = store[layer]
-                    store[layer] = old.new_zeros(old.shape[0], old.shape[1], size, old.shape[3])
-                    store[layer][:, :, : old.shape[2]] = old
+                self._enlarge(layer, size)
         self._full_size = max(self._full_size, size)
 
     def buffers(self) -> list[torch.Tensor]:
@@ -368,9 +365,11 @@ class KVCache:
                 continue
             if self.static:
                 raise CacheError(f"a static cache holds {kb.shape[2]} positions; this step needs {needed}")
-            size = max(needed, 2 * kb.shape[2])
-            for store in (self._k, self._v):
-                old = store[layer]
-                new = old.new_zeros(old.shape[0], old.shape[1], size, old.shape[3])
-                new[:, :, : old.shape[2]] = old
-                store[layer] = new
+            self._enlarge(layer, max(needed, 2 * kb.shape[2]))
+
+    def _enlarge(self, layer: int, size: int) -> None:
+        """Copy a full layer's K/V into buffers of `size` positions (position p stays at index p)."""
+        for store in (self._k, self._v):
+            old = store[layer]
+            store[layer] = old.new_zeros(old.shape[0], old.shape[1], size, old.shape[3])
+            store[layer][:, :, : old.shape[2]] = old

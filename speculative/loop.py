@@ -308,16 +308,15 @@ class Steps:
                 self.drafter = _CompiledDrafter(drafter, compiled)
 
     def cold(self, cache, k_max: int) -> bool:
-        """Whether `warm_up` must run before this generation's loop: not when an earlier generation of this pair
+        """(compile=True only) Whether `warm_up` must run before this generation's loop: not when an earlier generation of this pair
         warmed the same shapes (rows, longest draft, the cache's buffers), as every graph it would call is compiled.
         A warm-up costs a target pass per verify length: 43 ms of a 212 ms speculative generate of 64 tokens
         (bundled pair, 1 thread). On CUDA always: its graphs are recorded for the addresses of this cache's buffers."""
         shapes = (cache.batch_size, k_max, tuple(tuple(b.shape) for b in cache.buffers()))
-        if self._compiled is None or cache.device.type == "cuda" or shapes not in self._compiled.warmed:
-            if self._compiled is not None:
-                self._compiled.warmed.add(shapes)
-            return True
-        return False
+        if cache.device.type != "cuda" and shapes in self._compiled.warmed:
+            return False
+        self._compiled.warmed.add(shapes)
+        return True
 
 
 class _CompiledDrafter:
