@@ -303,6 +303,7 @@ class Steps:
         self._compiled = None
         if compile:
             compiled = self._compiled = compiled_steps(target, drafter)
+            compiled.new_generation()
             self.target = compiled.forward
             if drafter is not None:
                 self.drafter = _CompiledDrafter(drafter, compiled)

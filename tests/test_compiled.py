@@ -90,6 +90,27 @@ def test_a_generation_of_shapes_already_warmed_skips_the_warm_up():
     assert longer.stats.compile_seconds > 0.0
 
 
+def test_a_generation_checks_each_regions_guards_once_per_input_shape(monkeypatch):
+    """Within a generation a stored function's guards are checked at the first call of each input shape only
+    (`CompiledSteps.new_generation`), and the tokens stay the eager ones; the next generation checks again."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    target, drafter = small_pair()
+    checked = []
+    check = AOTCompiledFunction.guard_check
+    monkeypatch.setattr(AOTCompiledFunction, "guard_check", lambda self, *a, **k: checked.append(
+        (id(self), tuple(t.shape for t in a if isinstance(t, torch.Tensor)))) or check(self, *a, **k))
+    options = dict(max_new_tokens=40, num_draft_tokens=3, schedule="constant")
+    for seed in (8, 9):
+        checked.clear()
+        _, fast = compare(target, drafter, prompt(30, seed=seed), **options)
+        # calls: the drafter's step 3 times a round, the target's pass once (at 2, 3 or 4 tokens: one token runs
+        # as two). Checked: each stored function at most once per shape (a function stored by this generation's
+        # warm-up not at all; one whose guards refuse the shape is followed by the next variant), at most 4 shapes
+        shapes = {shape for _, shape in checked}
+        assert len(fast.stats.rounds) > 8 and len(checked) == len(set(checked)) and 0 < len(shapes) <= 4, checked
+
+
 def test_a_compiled_conversation_equals_the_eager_one():
     """Session(compile=True): each turn gives the eager session's tokens over a static cache that is continued,
     grown past KEY_BLOCK positions and brought back into the first turn (its ring snapshot restored), and no turn
