@@ -53,7 +53,8 @@ every graph again through dynamo and AOTAutograd (46-56 s for the bundled pair o
 each region (the target's pass, the drafter) is compiled ahead of time (`Precompiled`: dynamo's `aot_compile`) and
 stored, guards and all, in `precompiled_dir()`, a folder inside `cache_dir()`; a later process loads the stored
 functions and traces nothing (bundled pair: 2.9-3.0 s of warm-up; BENCHMARKS.md, section 11). A stored function runs
-only on inputs its guards accept (others are compiled into a variant, stored too: `Precompiled`), and its file name
+only on inputs its guards accept (others are compiled into a variant, stored too: `Precompiled`; within a
+generation they are checked at the first call of each input shape only, `CompiledSteps.new_generation`), and its file name
 holds a digest of the model code, torch, Python and the module switches, so an edit or an upgrade stores a new entry
 and never loads a stale one; entries that no process wrote or loaded for 30 days are deleted whenever a new one is
 stored (`prune_store`), so old versions do not pile up. Delete `precompiled_dir()` to make the next process trace
