@@ -309,11 +309,15 @@ class Steps:
                 self.drafter = _CompiledDrafter(drafter, compiled)
 
     def cold(self, cache, k_max: int) -> bool:
-        """(compile=True only) Whether `warm_up` must run before this generation's loop: not when an earlier generation of this pair
-        warmed the same shapes (rows, longest draft, the cache's buffers), as every graph it would call is compiled.
-        A warm-up costs a target pass per verify length: 43 ms of a 212 ms speculative generate of 64 tokens
-        (bundled pair, 1 thread). On CUDA always: its graphs are recorded for the addresses of this cache's buffers."""
-        shapes = (cache.batch_size, k_max, tuple(tuple(b.shape) for b in cache.buffers()))
+        """(compile=True only) Whether `warm_up` must run before this generation's loop: not when an earlier
+        generation of this pair warmed the same shapes (rows, longest draft, the cache's buffers) with the same number
+        of threads, as every graph it would call is compiled. A warm-up costs a target pass per verify length: 43 ms
+        of a 212 ms speculative generate of 64 tokens (bundled pair, 1 thread). The thread count belongs to the key
+        because every compiled graph's guards hold it (inductor writes it into its parallel loops): after
+        `torch.set_num_threads` each region compiles a variant for the new count, in the warm-up and not inside
+        the timed loop (without it, a generation after a switch from 1 to 2 threads spent 18-37 s compiling there,
+        unreported). On CUDA always: its graphs are recorded for the addresses of this cache's buffers."""
+        shapes = (cache.batch_size, k_max, tuple(tuple(b.shape) for b in cache.buffers()), torch.get_num_threads())
         if cache.device.type != "cuda" and shapes in self._compiled.warmed:
             return False
         self._compiled.warmed.add(shapes)

@@ -111,6 +111,22 @@ def test_a_generation_checks_each_regions_guards_once_per_input_shape(monkeypatc
         assert len(fast.stats.rounds) > 8 and len(checked) == len(set(checked)) and 0 < len(shapes) <= 4, checked
 
 
+def test_a_generation_after_a_change_of_threads_compiles_in_its_warm_up():
+    """Every compiled graph's guards hold the thread count: after `torch.set_num_threads` a generation of shapes
+    already warmed warms up again (compiling for the new count there, reported) instead of compiling inside its
+    decode loop (`compare` checks that no graph is added after the warm-up)."""
+    target, drafter = small_pair()
+    options = dict(max_new_tokens=12, num_draft_tokens=3, schedule="constant")
+    compare(target, drafter, prompt(30, seed=10), **options)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        _, other = compare(target, drafter, prompt(30, seed=10), **options)
+        assert other.stats.compile_seconds > 0.0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_compiled_conversation_equals_the_eager_one():
     """Session(compile=True): each turn gives the eager session's tokens over a static cache that is continued,
     grown past KEY_BLOCK positions and brought back into the first turn (its ring snapshot restored), and no turn
