@@ -1359,9 +1359,11 @@ def section_llamacpp(args, q: dict) -> list[str]:
         hf_drafter.generation_config.num_assistant_tokens = n
         hf_drafter.generation_config.num_assistant_tokens_schedule = "constant"
         ggufs = {m: to_gguf(tree, args.models / m, dtype, tmp / f"{m}-{dtype}.gguf") for m in ("target", "drafter")}
-        for spec in (False, True):
-            generate(target, drafter if spec else None, prompts[0], max_new_tokens=new, num_draft_tokens=n,
-                     stop_token_ids=[], compile=True)  # this process's warm-up, not timed
+        for threads in (1, 2):  # this process's warm-up, not timed: a compiled graph holds its thread count
+            torch.set_num_threads(threads)
+            for spec in (False, True):
+                generate(target, drafter if spec else None, prompts[0], max_new_tokens=new, num_draft_tokens=n,
+                         stop_token_ids=[], compile=True)
 
         def ours(i, spec, compiled):
             res = generate(target, drafter if spec else None, prompts[i], max_new_tokens=new, num_draft_tokens=n,
