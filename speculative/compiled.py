@@ -54,7 +54,7 @@ each region (the target's pass, the drafter) is compiled ahead of time (`Precomp
 stored, guards and all, in `precompiled_dir()`, a folder inside `cache_dir()`; a later process loads the stored
 functions and traces nothing (bundled pair: 2.9-3.0 s of warm-up; BENCHMARKS.md, section 11). A stored function runs
 only on inputs its guards accept (others are compiled into a variant, stored too: `Precompiled`; within a
-generation they are checked at the first call of each input shape only, `CompiledSteps.new_generation`), and its file name
+generation they are checked at the first call of each input shape only, `CompiledSteps._trust`), and its file name
 holds a digest of the model code, torch, Python and the module switches, so an edit or an upgrade stores a new entry
 and never loads a stale one; entries that no process wrote or loaded for 30 days are deleted whenever a new one is
 stored (`prune_store`), so old versions do not pile up. Delete `precompiled_dir()` to make the next process trace
@@ -115,7 +115,6 @@ class CompiledSteps:
 
         self._mode = mode
         self.warmed: set[tuple] = set()  # shapes a generation's warm-up ran (`loop.Steps.cold`)
-        self.generation: object | None = None  # this generation's token (`new_generation`)
         self._whole = target.device.type == "cpu"  # one function per pass, through the precompile store
         self._layers: dict[tuple, object] = {}  # CUDA: (kind of layer, one token?, one row?) -> its compiled function
         self._run_step = target.run_step
@@ -129,40 +128,37 @@ class CompiledSteps:
             self._drafter_step = (precompiled_region("drafter", drafter_step, drafter, dynamic=True) if self._whole
                                   else torch.compile(drafter_step, fullgraph=True, dynamic=True, mode=mode))
 
-    def new_generation(self) -> None:
-        """Called as a generation starts: from here on each region checks its guards at the first call of each
-        input shape only, and runs the function they chose for the later calls of that shape (`Precompiled`'s
-        `trust`, keyed on this generation and the shape).
+    def _trust(self, generation, tensor: torch.Tensor):
+        """The key under which a generation's calls of a region with `tensor`'s shape check the region's guards at
+        the first call only (`Precompiled`'s `trust`); None: at every call (a call from outside a generation, or
+        CUDA, where torch.compile checks its own).
 
-        Why the guards of a first call hold for the later ones: within one generation the calls of a region with
-        one input shape pass the same model, the same static cache, whose buffers keep their shape for the whole
-        generation (`KVCache.reserve` grows it before, `begin` never does), and step tensors (positions, masks,
-        write indices, the drafter's views) built the same way for that shape. What the guards test (shapes,
-        strides and dtypes of every tensor, the module switches, the Python values read while tracing) is
-        therefore the same at every call; only the tensors' values change, and no guard reads them. A new
-        generation (a new cache, a model cast to another dtype in between) checks again. What it saves: the
-        bundled target's pass has about 2,100 guards (every parameter's and buffer's shape, stride and dtype),
-        0.15 ms to check with warm caches and 0.3-0.4 ms inside a decode loop, whose weights evict them: 15% of a
-        compiled decode step."""
-        self.generation = object()
+        `generation` is an object the loop makes for one generation (`loop.Steps`) and passes with every call of
+        it. Why the guards of its first call of a shape hold for the later ones: within one generation the calls of
+        a region with one input shape pass the same model, the same static cache, whose buffers keep their shape
+        for the whole generation (`KVCache.reserve` grows it before, `begin` never does), and step tensors
+        (positions, masks, write indices, the drafter's views) built the same way for that shape. What the guards
+        test (shapes, strides and dtypes of every tensor, the module switches, the thread count, the Python values
+        read while tracing) is therefore the same at every call; only the tensors' values change, and no guard
+        reads them. A new generation (a new cache, a model cast to another dtype in between) checks again. What it
+        saves: the bundled target's pass has about 2,100 guards (every parameter's and buffer's shape, stride and
+        dtype), 0.15 ms to check with warm caches and 0.3-0.4 ms inside a decode loop, whose weights evict them:
+        15% of a compiled decode step."""
+        return None if generation is None or not self._whole else (generation, tuple(tensor.shape))
 
-    def _trust(self, tensor: torch.Tensor):
-        """The key under which this generation's calls of a region with `tensor`'s shape skip the guards (None:
-        guards checked at every call, outside a generation or on CUDA, where torch.compile checks its own)."""
-        return None if self.generation is None or not self._whole else (self.generation, tuple(tensor.shape))
-
-    def forward(self, input_ids: torch.Tensor, cache):
+    def forward(self, input_ids: torch.Tensor, cache, generation=None):
         """target(input_ids, cache) for a decode step or verify pass, compiled (the cache must be static). With a
         drafter, one token runs as two, the token and a copy of it that is forgotten at once, so that the graph of
         2+ tokens serves every pass and no graph of one token is compiled (module docstring)."""
         S = input_ids.shape[1]
         if S > 1 or self._drafter is None:
-            return self._pass(input_ids, cache.begin(S), cache)
-        out = self._pass(input_ids.expand(-1, 2).contiguous(), cache.begin(2), cache)  # [B, 2, V], [B, 2, H]
+            return self._pass(input_ids, cache.begin(S), cache, generation)
+        # [B, 2, V], [B, 2, H]
+        out = self._pass(input_ids.expand(-1, 2).contiguous(), cache.begin(2), cache, generation)
         cache.rollback(1)
         return ModelOutput(out.logits[:, :1], out.hidden_states[:, :1])
 
-    def _pass(self, input_ids: torch.Tensor, step, cache) -> ModelOutput:
+    def _pass(self, input_ids: torch.Tensor, step, cache, generation=None) -> ModelOutput:
         """The target's forward over the positions `step` reserved: one compiled function for the whole pass on
         the CPU, one per layer on CUDA (module docstring)."""
         B, S = input_ids.shape
@@ -174,7 +170,7 @@ class CompiledSteps:
             name = "target" + ("_one_token" if S == 1 else "") + ("" if B == 1 else "_rows")
             compiled = self._passes[key] = precompiled_region(name, target_pass, self._target, dynamic=None,
                                                               rows=B, mark=mark_dynamic_sizes)
-        return ModelOutput(*compiled(self._target, input_ids, step, cache, trust=self._trust(input_ids)))
+        return ModelOutput(*compiled(self._target, input_ids, step, cache, trust=self._trust(generation, input_ids)))
 
     def _run_layer(self, layer, x, *inputs):
         """layer(x, *inputs) through the compiled function of its kind and token count (`layer_function`). The
@@ -191,13 +187,14 @@ class CompiledSteps:
                                                           mode=self._mode)
         return compiled(layer, x, *inputs)
 
-    def step(self, target, token, hidden, position, views, context=None):
-        """Drafter.step, compiled: the embedding of the last token and the hidden state in, one draft step out."""
+    def step(self, target, token, hidden, position, views, context=None, generation=None):
+        """Drafter.step, compiled: the embedding of the last token and the hidden state in, one draft step out
+        (`generation`: see `_trust`)."""
         inputs_embeds = torch.cat([target.embed(token), hidden], dim=-1)
         if not self._whole:
             return self._drafter_step(self._drafter, inputs_embeds, position, views, context)
         return self._drafter_step(self._drafter, inputs_embeds, position, views, context,
-                                  trust=self._trust(inputs_embeds))
+                                  trust=self._trust(generation, inputs_embeds))
 
 
 def drafter_step(drafter, inputs_embeds, position, views, context):

@@ -31,6 +31,7 @@ row's prefill is exactly the computation its single-prompt generation does.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -303,10 +304,10 @@ class Steps:
         self._compiled = None
         if compile:
             compiled = self._compiled = compiled_steps(target, drafter)
-            compiled.new_generation()
-            self.target = compiled.forward
+            generation = object()  # this generation's calls check each region's guards once per shape
+            self.target = functools.partial(compiled.forward, generation=generation)
             if drafter is not None:
-                self.drafter = _CompiledDrafter(drafter, compiled)
+                self.drafter = _CompiledDrafter(drafter, functools.partial(compiled.step, generation=generation))
 
     def cold(self, cache, k_max: int) -> bool:
         """(compile=True only) Whether `warm_up` must run before this generation's loop: not when an earlier
@@ -325,8 +326,8 @@ class Steps:
 
 
 class _CompiledDrafter:
-    def __init__(self, drafter, compiled):
-        self.context, self.step = drafter.context, compiled.step
+    def __init__(self, drafter, step):
+        self.context, self.step = drafter.context, step
 
 
 def warm_up(steps: Steps, target, cache, token, h, k_max: int, sampler) -> None:

@@ -92,7 +92,7 @@ def test_a_generation_of_shapes_already_warmed_skips_the_warm_up():
 
 def test_a_generation_checks_each_regions_guards_once_per_input_shape(monkeypatch):
     """Within a generation a stored function's guards are checked at the first call of each input shape only
-    (`CompiledSteps.new_generation`), and the tokens stay the eager ones; the next generation checks again."""
+    (`CompiledSteps._trust`), and the tokens stay the eager ones; the next generation checks again."""
     from torch._dynamo.aot_compile import AOTCompiledFunction
 
     target, drafter = small_pair()
@@ -109,6 +109,15 @@ def test_a_generation_checks_each_regions_guards_once_per_input_shape(monkeypatc
         # warm-up not at all; one whose guards refuse the shape is followed by the next variant), at most 4 shapes
         shapes = {shape for _, shape in checked}
         assert len(fast.stats.rounds) > 8 and len(checked) == len(set(checked)) and 0 < len(shapes) <= 4, checked
+    # a call from outside a generation (here on a cache of the generation's geometry) checks the guards every time
+    steps = compiled.compiled_steps(target, drafter)
+    with torch.inference_mode():
+        cache = target.new_cache(batch_size=1, max_length=30 + 40 + 3, max_rollback=4,
+                                 min_sliding_history=drafter.sliding_history, static=True, position_slack=3)
+        checked.clear()
+        for _ in range(3):
+            steps.forward(torch.tensor([prompt(3, seed=10)]), cache)
+    assert len(checked) >= 3, checked
 
 
 def test_a_generation_after_a_change_of_threads_compiles_in_its_warm_up():
