@@ -383,7 +383,7 @@ class Precompiled:
     def __call__(self, *args, trust=None):
         """The stored function whose guards accept `args`, run on them. `trust`: a key (hashable) under which the
         caller vouches that its calls pass inputs of one kind, so that the guards of the first call hold for the
-        others (`CompiledSteps.trust`): after that first call, the function it chose runs without checking its
+        others (`CompiledSteps._trust`): after that first call, the function it chose runs without checking its
         guards again."""
         if trust is not None and (known := self.trusted.get(trust)) is not None:
             return known.fn(*args)
