@@ -124,10 +124,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       float64 sums depended on the order of their terms, no bfloat16 result). Measured on the bundled target, 1
       thread: target-only decoding 43.8 -> 68.9 tokens/s eager and 77.7 -> 118.8 compiled (float32: 84 and 239),
       greedy speculative (k = 4, eager) 151 -> 187, a 120-token prompt's prefill 45 -> 50 ms (load average
-      0.5-1.0, interleaved medians of 3 runs, 6 compiled). A one-row product with a 384 x 128 weight inside a decode step (weights
-      out of cache, load 2-3): ~27 us, against ~59 us through oneDNN (its setup per call, whatever the row
-      count) and ~58 us with a float64 copy of the weight kept (4x bfloat16's bytes to read each step: the copy is
-      made per call instead). With warm caches oneDNN is cheaper from a few rows on at the MLP's shapes (5 rows:
+      0.5-1.0, interleaved medians of 3 runs, 6 compiled). A one-row product with a 384 x 128 weight inside a
+      decode step (weights out of cache, load 2-3): ~27 us, against ~59 us through oneDNN (its setup per call,
+      whatever the row count) and ~58 us with a float64 copy of the weight kept (4x bfloat16's bytes to read each
+      step: the copy is made per call instead). With warm caches oneDNN is cheaper from a few rows on at the MLP's shapes (5 rows:
       ~19 against ~40 us; a 64-row prefill piece: ~50 against ~160 us).
     - Larger weights: oneDNN's inner product, which (measured on every Gemma 4 E2B and tiny-model shape, 2 to 300
       rows, 1 and 2 threads) gives a row the same bits for any count of 2+ rows and any row index; a single row is

@@ -52,7 +52,7 @@ every graph again through dynamo and AOTAutograd (46-56 s for the bundled pair o
 `save_cache_artifacts` / `load_cache_artifacts` move the same entries and do not skip the tracing). So on the CPU
 each region (the target's pass, the drafter) is compiled ahead of time (`Precompiled`: dynamo's `aot_compile`) and
 stored, guards and all, in `precompiled_dir()`, a folder inside `cache_dir()`; a later process loads the stored
-functions and traces nothing (bundled pair: 2.9-3.0 s of warm-up; BENCHMARKS.md, section 11). A stored function runs
+functions and traces nothing (bundled pair: 2.6-3.2 s of warm-up; BENCHMARKS.md, section 11). A stored function runs
 only on inputs its guards accept (others are compiled into a variant, stored too: `Precompiled`; within a
 generation they are checked at the first call of each input shape only, `CompiledSteps._trust`), and its file name
 holds a digest of the model code, torch, Python and the module switches, so an edit or an upgrade stores a new entry
@@ -153,8 +153,7 @@ class CompiledSteps:
         S = input_ids.shape[1]
         if S > 1 or self._drafter is None:
             return self._pass(input_ids, cache.begin(S), cache, generation)
-        # [B, 2, V], [B, 2, H]
-        out = self._pass(input_ids.expand(-1, 2).contiguous(), cache.begin(2), cache, generation)
+        out = self._pass(input_ids.expand(-1, 2).contiguous(), cache.begin(2), cache, generation)  # [B, 2, ...]
         cache.rollback(1)
         return ModelOutput(out.logits[:, :1], out.hidden_states[:, :1])
 
