@@ -28,7 +28,10 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   costs a seed repeats the law, not every draw).
 - **Acceptance** (`Acceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
   per row, from that row's rounds: position j counts one trial whenever drafts 1..j-1 were accepted, a hit when j was
-  too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose). Each
+  too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose); the
+  batch's counts at a position that no row reached in a round fade STALE_DECAY times more, so that rejections seen
+  before a run of short drafts, which never reach that position, do not hold k down once the text turns
+  predictable (a bfloat16 grid cell of 16 rows drafted 1 token for 13 rounds where 3 were best). Each
   row's estimate at position j is shrunk towards the batch's estimate at position j (the other rows' counts pooled:
   a row shrunk towards its own counts would count them twice, and alone in its batch it would trust one round as
   if it were three), and that towards the batch's rate over all positions, itself shrunk to 1/2 (PRIOR_WEIGHT
@@ -75,6 +78,7 @@ PROBE_AFTER, PROBE_MAX = 8, 64  # auto: rounds of k = 0 before a 1-token probe; 
 PROBE_SHARE = 0.02  # auto: and is long enough that probes take at most this share of the decoding time
 SAMPLES_KEPT = 16  # auto: a cost is the median of this many latest rounds
 CARRIED_TRIALS = 4.0  # auto: a generation starts from the pair's recent pooled acceptance, worth this many trials
+STALE_DECAY = 0.1  # auto: the batch's counts at a position no row reached in a round fade by DECAY * STALE_DECAY
 
 
 def next_num_draft_tokens(schedule: str, k: int, drafted: int, accepted: int) -> int:
@@ -324,10 +328,17 @@ class Acceptance:
     def __init__(self, k_max: int):
         self.hits, self.trials = [0.0] * k_max, [0.0] * k_max  # index j - 1 for position j
 
-    def fade(self) -> None:
-        """Every position fades, tried or not: an old verdict is re-examined."""
-        self.hits = [h * DECAY for h in self.hits]
-        self.trials = [t * DECAY for t in self.trials]
+    def fade(self, tried: int | None = None) -> None:
+        """Every position fades by DECAY, tried or not, so that an old verdict is re-examined; with `tried`, the
+        positions after the first `tried` (which the round did not reach) fade STALE_DECAY times more."""
+        for j in range(len(self.hits)):
+            decay = DECAY if tried is None or j < tried else DECAY * STALE_DECAY
+            self.hits[j] *= decay
+            self.trials[j] *= decay
+
+    def tried(self) -> int:
+        """How many positions have trials: a round's counts reach positions 1..j, those of every row together."""
+        return sum(t > 0 for t in self.trials)
 
     def count(self, drafted: int, accepted: int) -> None:
         """A row's round that let it accept up to `drafted` drafts and accepted `accepted`: position j is a trial
@@ -443,7 +454,7 @@ class AutoPlanner:
         """After the round's host sync (and its bookkeeping): the round's costs, and the pooled counts fade."""
         self.costs.add(batch, k, *self.clock.stop())
         if k:
-            self.pool.fade()
+            self.pool.fade(self._round.tried())
             self.pool.add(self._round)
             self.costs.observe(self._round)
         self._round = Acceptance(self.k_max)

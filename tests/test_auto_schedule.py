@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from speculative import generate
+from speculative import schedule
 from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_DRAFT_TOKENS, PRIOR_WEIGHT, PROBE_AFTER,
-                                  PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, Acceptance, AutoPlanner, FixedCosts,
-                                  MeasuredCosts, RoundClock, best_draft_length, fit_line,
-                                  fit_plane)
+                                  PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, STALE_DECAY, Acceptance, AutoPlanner,
+                                  FixedCosts, MeasuredCosts, RoundClock, best_draft_length, fit_line, fit_plane)
 from tests.test_sampling_lossless import (GOOD_P, TableDrafter, chi_square_p_value, exact_joint_t2_t3,
                                           sample_t2_t3)
 from tests.test_sampling_lossless import target as target  # noqa: F401 (the fixture)
@@ -196,6 +196,43 @@ def test_each_rows_estimate_borrows_the_batchs_rate_at_the_same_position():
     assert plan.k == best
     assert plan.rates == pytest.approx([e[best] / seconds[best] for e in E])
     assert E[2] == pytest.approx([1 + sum(math.prod(batch[: i + 1]) for i in range(k)) for k in range(K + 1)])
+
+
+def stale_position_rounds(stale_decay: float, monkeypatch) -> tuple[list[int], AutoPlanner]:
+    """Four rows, K = 4, c_d = 0.3, v(T) = 1 + 0.02 T: two rounds in which every row accepts draft 1 and rejects
+    draft 2, then ten in which every row accepts all it drafts. Returns the k of each round and the planner."""
+    monkeypatch.setattr(schedule, "STALE_DECAY", stale_decay)
+    planner = AutoPlanner(4, FixedCosts(0.3, lambda T: 1.0 + 0.02 * T), torch.device("cpu"))
+    rows = [planner.new_row() for _ in range(4)]
+    ks = []
+    for r in range(12):
+        k = planner.plan(rows, [100] * 4).k
+        ks.append(k)
+        planner.clock.drafted()
+        for row in rows:
+            planner.record(row, k, min(k, 1) if r < 2 else k)
+        planner.finish(4, k)
+    return ks, planner
+
+
+def test_a_position_no_row_reached_fades_faster_so_an_old_rejection_does_not_hold_k_down(monkeypatch):
+    """Position 2 was rejected by every row, so `auto` drafts 1; the text then turns predictable, but rounds of
+    k = 1 never reach position 2, so its estimate would only fade at DECAY a round, as if rejections ten rounds old
+    still held. The batch's counts at a position no row reached fade by DECAY * STALE_DECAY instead (brute force of
+    the counts below), and `auto` drafts past position 1 again after one round of k = 1; with STALE_DECAY = 1 it
+    stayed at k = 1 for six (a bfloat16 grid cell of 16 rows drafted k = 1 for 13 rounds where N = 3 was best)."""
+    ks, planner = stale_position_rounds(STALE_DECAY, monkeypatch)
+    assert ks[:4] == [1, 3, 1, 4] and ks[4:] == [4] * 8, ks
+    H, T = [0.0] * 4, [0.0] * 4
+    for r, k in enumerate(ks):  # the pool's counts, brute force: 4 rows a round, each reaching min(accepted + 1, k)
+        accepted = min(k, 1) if r < 2 else k
+        reached = min(accepted + 1, k)
+        decay = [DECAY if j < reached else DECAY * STALE_DECAY for j in range(4)]
+        H = [h * d + 4 * (j < accepted) for j, (h, d) in enumerate(zip(H, decay))]
+        T = [t * d + 4 * (j < reached) for j, (t, d) in enumerate(zip(T, decay))]
+    assert planner.pool.hits == pytest.approx(H) and planner.pool.trials == pytest.approx(T)
+    old, _ = stale_position_rounds(1.0, monkeypatch)
+    assert old[:9] == [1, 3, 1, 1, 1, 1, 1, 1, 2], old
 
 
 def test_auto_drafts_the_largest_k_when_the_drafter_is_cheap_and_drafts_are_accepted():
