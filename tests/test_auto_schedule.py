@@ -17,8 +17,7 @@ import time
 import pytest
 import torch
 
-from speculative import generate
-from speculative import schedule
+from speculative import generate, schedule
 from speculative.schedule import (CARRIED_TRIALS, DECAY, MAX_DRAFT_TOKENS, PRIOR_WEIGHT, PROBE_AFTER,
                                   PROBE_MAX, PROBE_SHARE, SAMPLES_KEPT, STALE_DECAY, Acceptance, AutoPlanner,
                                   FixedCosts, MeasuredCosts, RoundClock, best_draft_length, fit_line, fit_plane)
@@ -222,7 +221,7 @@ def test_a_position_no_row_reached_fades_faster_so_an_old_rejection_does_not_hol
     the counts below), and `auto` drafts past position 1 again after one round of k = 1; with STALE_DECAY = 1 it
     stayed at k = 1 for six (a bfloat16 grid cell of 16 rows drafted k = 1 for 13 rounds where N = 3 was best)."""
     ks, planner = stale_position_rounds(STALE_DECAY, monkeypatch)
-    assert ks[:4] == [1, 3, 1, 4] and ks[4:] == [4] * 8, ks
+    assert ks[2] == 1 and min(ks[3:]) >= 2, ks  # k = 1 after the rejections, more from the next round on
     H, T = [0.0] * 4, [0.0] * 4
     for r, k in enumerate(ks):  # the pool's counts, brute force: 4 rows a round, each reaching min(accepted + 1, k)
         accepted = min(k, 1) if r < 2 else k
@@ -232,7 +231,7 @@ def test_a_position_no_row_reached_fades_faster_so_an_old_rejection_does_not_hol
         T = [t * d + 4 * (j < reached) for j, (t, d) in enumerate(zip(T, decay))]
     assert planner.pool.hits == pytest.approx(H) and planner.pool.trials == pytest.approx(T)
     old, _ = stale_position_rounds(1.0, monkeypatch)
-    assert old[:9] == [1, 3, 1, 1, 1, 1, 1, 1, 2], old
+    assert old[2:8] == [1] * 6, old  # the old fade: k = 1 for six rounds of fully accepted drafts
 
 
 def test_auto_drafts_the_largest_k_when_the_drafter_is_cheap_and_drafts_are_accepted():
