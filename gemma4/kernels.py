@@ -127,16 +127,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       0.5-1.0, interleaved medians of 3 runs, 6 compiled). A one-row product with a 384 x 128 weight inside a
       decode step (weights out of cache, load 2-3): ~27 us, against ~59 us through oneDNN (its setup per call,
       whatever the row count) and ~58 us with a float64 copy of the weight kept (4x bfloat16's bytes to read each
-      step: the copy is made per call instead). With warm caches oneDNN is cheaper from a few rows on at the MLP's shapes (5 rows:
-      ~19 against ~40 us; a 64-row prefill piece: ~50 against ~160 us).
+      step: the copy is made per call instead). With warm caches oneDNN is cheaper from a few rows on at the
+      MLP's shapes (5 rows: ~19 against ~40 us; a 64-row prefill piece: ~50 against ~160 us).
     - Larger weights: oneDNN's inner product, which (measured on every Gemma 4 E2B and tiny-model shape, 2 to 300
       rows, 1 and 2 threads) gives a row the same bits for any count of 2+ rows and any row index; a single row is
       computed as two copies of itself, so that it takes the same 2+ row kernel. It costs nothing there: within
       15% of F.linear either way from 1 to 2048 rows on E2B's MLP shapes.
     tests/test_layers.py checks both bit for bit.
     Float16 runs the paths below where oneDNN has no float16 kernel (CPUs without AVX512-FP16): row-invariant as
-    they are, measured on a 2-core EPYC from 1 to 300 rows on every tiny and E2B shape, 1 and 2 threads. Float32 takes the oneDNN path only after
-    `set_row_invariant_float32(True)`, as it slows float32 decoding down (see there).
+    they are, measured on a 2-core EPYC from 1 to 300 rows on every tiny and E2B shape, 1 and 2 threads. Float32
+    takes the oneDNN path only after `set_row_invariant_float32(True)`, as it slows float32 decoding down (see
+    there).
 
     Row blocks (float16, float32 by default, no oneDNN). A product of a few tokens is bound
     by reading the weight, which in a generation loop is never in cache. BLAS runs a one-token product as a
@@ -176,9 +177,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # eager code does; a test of a constant is no guard. The bundled target's head (4096 x 128, float32, weights
     # out of cache, 1 thread): ~60 us as row blocks against ~100-130 us through F.linear, which took ~128 us of a
     # ~1.4 ms compiled decode step; from 2 tokens on F.linear is as fast or faster (9 tokens: ~295 against ~360 us).
-    one = torch.compiler.is_compiling() and isinstance(tokens, int) and tokens == 1
-    if ((torch.compiler.is_compiling() and not one) or tokens > _FEW_TOKENS or weight.numel() < _BLOCKED_WEIGHT
-            or out % _ROW_BLOCKS):
+    one_token = isinstance(tokens, int) and tokens == 1  # a SymInt (a symbolic count) is no int
+    if ((torch.compiler.is_compiling() and not one_token) or tokens > _FEW_TOKENS
+            or weight.numel() < _BLOCKED_WEIGHT or out % _ROW_BLOCKS):
         return F.linear(x, weight, bias)
     x = x.contiguous()
     blocks = weight.view(_ROW_BLOCKS, out // _ROW_BLOCKS, inp)  # [8, out/8, in]
