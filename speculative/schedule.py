@@ -10,22 +10,26 @@ k never exceeds MAX_DRAFT_TOKENS: a verify pass over k + 1 tokens costs about on
 layer. The loop additionally clamps each round's k to the remaining budget and positions.
 
 `auto`, in three parts:
-- **Costs** (`MeasuredCosts`): a drafter step as a function of the rows B it drafts for, and the rest of a round
-  (the verify pass, acceptance, the host sync, the bookkeeping) as a function of B and the verify length k + 1. Both
-  are medians of the latest rounds of this process with this target and drafter, timed around the phases the loop
-  runs anyway (`RoundClock`: no extra host sync; on the CPU the calling thread's CPU time, which the load of other
-  programs does not inflate; on CUDA the drafting phase is timed with events that the round's one sync completes). A
-  (B, k + 1) with fewer rounds than half of SAMPLES_KEPT takes the least-squares line in k + 1 through that B's
-  medians instead (on a busy machine a few rounds are noisy; the line pools them), and a B measured at fewer than
-  two lengths the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median (a cost per row, such as
-  its cache and bookkeeping, and one per token row; the line in T = B (k + 1) alone while the plane is not
-  determined). A drafter step at a batch size never drafted is the nearest measured size's, scaled as the target's
-  decode step scales between them. Beyond the longest pass measured the lines stay flat: an optimistic guess, which
-  the round that tries it measures (a pessimistic one would never be tried, and never corrected). A process's first
-  rounds with a pair measure what is missing: k = K, then k = 0, twice each (the first time a shape runs holds
-  one-off costs, so it is not kept). `FixedCosts` takes the costs as given instead: then `auto`'s choices depend on
-  past acceptance alone (deterministic: the tests, and seeded sampling that must repeat draw for draw; with measured
-  costs a seed repeats the law, not every draw).
+- **Costs** (`MeasuredCosts`): the drafting of a round as a function of the rows B and the draft length k, and the
+  rest of a round (the verify pass, acceptance, the host sync, the bookkeeping) as a function of B and the verify
+  length k + 1. Both are medians of the latest rounds of this process with this target and drafter, timed around the
+  phases the loop runs anyway (`RoundClock`: no extra host sync; on the CPU the calling thread's CPU time, which the
+  load of other programs does not inflate; on CUDA the drafting phase is timed with events that the round's one sync
+  completes). A (B, k) or (B, k + 1) with fewer rounds than half of SAMPLES_KEPT takes the least-squares line in k
+  through that B's medians instead (on a busy machine a few rounds are noisy; the line pools them). Drafting is a line
+  with an intercept, not k times a step: a round first builds what every step reads (the cache's views, their masks
+  and rotary tables: `Drafter.context`), once. Measured (compiled, bundled pair, 1 thread): 0.80 ms for k = 1 and
+  2.80 ms for k = 8, ~0.5 ms a round plus ~0.29 ms a step; k times the cost per step of rounds of 3 drafts (0.46 ms) would
+  put k = 8 at 3.7 ms. A B measured at fewer than two draft lengths scales its drafting in proportion to k, and its
+  rest takes the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median (a cost per row, such as its
+  cache and bookkeeping, and one per token row; the line in T = B (k + 1) alone while the plane is not determined).
+  Drafting at a batch size never drafted is the nearest measured size's, scaled as the target's decode step scales
+  between them. Beyond the longest round measured the lines stay flat: an optimistic guess, which the round that tries
+  it measures (a pessimistic one would never be tried, and never corrected). A process's first rounds with a pair
+  measure what is missing: k = K, then k = 0, twice each (the first time a shape runs holds one-off costs, so it is
+  not kept). `FixedCosts` takes the costs as given instead: then `auto`'s choices depend on past acceptance alone
+  (deterministic: the tests, and seeded sampling that must repeat draw for draw; with measured costs a seed repeats
+  the law, not every draw).
 - **Acceptance** (`Acceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
   per row, from that row's rounds: position j counts one trial whenever drafts 1..j-1 were accepted, a hit when j was
   too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose); the
@@ -39,10 +43,10 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   each position (16 rows gather 16 rows' evidence a round), and its own rounds then move it. The batch's counts start
   from the pair's recent acceptance per position in this process (`MeasuredCosts.prior`, at most CARRIED_TRIALS
   trials a position: a new generation does not start blind); with `FixedCosts`, from nothing.
-- **The choice** (`AutoPlanner.plan`): a round with k drafts costs k c_d(B) + c_v(B (k + 1)) whatever each row's
+- **The choice** (`AutoPlanner.plan`): a round with k drafts costs d(B, k) + c_v(B (k + 1)) whatever each row's
   acceptance, and row b expects E_b(k) = 1 + sum_{i<=k} prod_{j<=i} alpha_{b,j} tokens from it (the bonus token
   included). E_b grows with k, so a row gets every draft the round computes (up to its budget): the batch's k is
-  the k in 0..K with the largest sum_b E_b(k) / (k c_d + c_v) (the smallest such k on a tie). k = 0 is a plain
+  the k in 0..K with the largest sum_b E_b(k) / (d + c_v) (the smallest such k on a tie). k = 0 is a plain
   decode step. A rule that took the smallest k within 2% of the largest rate (the rate is often flat across several
   k, where the argmax follows the estimates' noise) drafted too little, and so did PRIOR_WEIGHT 2 (one rejection
   moved a row's estimate too far): replayed without timing noise on recorded acceptance and costs
@@ -99,19 +103,20 @@ def max_num_draft_tokens(schedule: str, k: int) -> int:
 
 # ---- costs --------------------------------------------------------------------------------------------------------
 class MeasuredCosts:
-    """Seconds of a drafter step (by batch rows B) and of the rest of a round (by verify token rows T = B (k + 1)),
-    medians of the latest SAMPLES_KEPT rounds per count; kept per (target, drafter) for the whole process
-    (`measured_costs`)."""
+    """Seconds of a round's drafting (by batch rows B and draft length k) and of the rest of a round (by B and the
+    verify length k + 1), medians of the latest SAMPLES_KEPT rounds per count; kept per (target, drafter) for the
+    whole process (`measured_costs`)."""
 
     fixed = False
 
     def __init__(self):
-        self._step: dict[int, deque] = {}  # B -> seconds per drafter step
+        self._step: dict[int, deque] = {}  # B -> seconds per drafter step (a round's drafting / k)
+        self._drafting: dict[tuple[int, int], deque] = {}  # (B, k) -> seconds of a round's k drafter steps
         self._rest: dict[int, deque] = {}  # T -> seconds of verify + acceptance + sync + bookkeeping
         self._seen: set = set()  # keys whose first (warm-up) sample was dropped
         self._rest_by_batch: dict[tuple[int, int], deque] = {}  # (B, k + 1) -> seconds of the rest
         self._tables: tuple[dict, dict] | None = None
-        self._lines: dict[int, object] = {}  # B -> its rest as a function of k + 1, while no round is added
+        self._lines: dict = {}  # ("rest" | "drafting", B): B's own line; "plane": across B (while no round is added)
         self.acceptance = Acceptance(MAX_DRAFT_TOKENS)  # pooled over the pair's latest rounds, every generation
 
     def observe(self, round_: "Acceptance") -> None:
@@ -133,10 +138,11 @@ class MeasuredCosts:
         """One round of `batch` rows that drafted k tokens each."""
         if k > 0:
             self._keep(self._step, ("step", batch), batch, draft_seconds / k)
+            self._keep(self._drafting, ("drafting", batch, k), (batch, k), draft_seconds)
         self._keep(self._rest, ("rest", batch * (k + 1)), batch * (k + 1), rest_seconds)
         self._keep(self._rest_by_batch, ("rest", batch, k + 1), (batch, k + 1), rest_seconds)
 
-    def _keep(self, table: dict, key, count: int, seconds: float) -> None:
+    def _keep(self, table: dict, key, count, seconds: float) -> None:
         if key not in self._seen:  # a shape's first run holds one-off costs (allocation, kernel selection)
             self._seen.add(key)
             return
@@ -162,30 +168,47 @@ class MeasuredCosts:
         return None
 
     def drafter_step(self, batch: int) -> float:
-        """The median at `batch`, else the nearest measured batch size's, scaled as the target's decode step
-        scales between the two (both are small transformers run over the same rows)."""
+        """Seconds per drafter step: the median at `batch` of a round's drafting over its k, else the nearest
+        measured batch size's, scaled as the target's decode step scales between the two (both are small
+        transformers run over the same rows)."""
         table = self.tables()[0]
         if batch in table:
             return table[batch]
         near = min(table, key=lambda b: (abs(b - batch), b))
         return table[near] * self.rest(batch, 1) / self.rest(near, 1)
 
+    def drafting(self, batch: int, k: int) -> float:
+        """Seconds of a round's k drafter steps over `batch` rows: this batch size's own median or line in k when
+        it drafted at two lengths (a fixed part per round and one per step: see the module docstring), else k
+        steps (`drafter_step`)."""
+        if k == 0:
+            return 0.0
+        own = self._own("drafting", self._drafting, batch, k)
+        return own if own is not None else k * self.drafter_step(batch)
+
     def rest(self, batch: int, size: int) -> float:
         """The rest of a round of `batch` rows verifying `size` = k + 1 tokens each: this batch size's own median
         or line in k when it has rounds at two sizes, else an estimate across batch sizes (`_across_batches`)."""
-        if batch not in self._lines:
-            own = {n: s for (b, n), s in self._rest_by_batch.items() if b == batch}
+        own = self._own("rest", self._rest_by_batch, batch, size)
+        return own if own is not None else self._across_batches(batch, size)
+
+    def _own(self, name: str, table: dict, batch: int, x: int) -> float | None:
+        """A batch size's estimate at x from its own rounds in `table` ({(B, x): seconds}): the median at x once x
+        has SAMPLES_KEPT / 2 rounds, else the least-squares line in x through its medians (weighted by rounds,
+        never falling, flat beyond the largest x measured); None while it has rounds at fewer than two x."""
+        if (name, batch) not in self._lines:
+            own = {n: s for (b, n), s in table.items() if b == batch}
             if len(own) < 2:
-                self._lines[batch] = None
+                self._lines[name, batch] = None
             else:
                 medians = {n: statistics.median(s) for n, s in own.items()}
                 line = fit_line({n: (medians[n], len(s)) for n, s in own.items()})
-                self._lines[batch] = (medians, {n: len(s) for n, s in own.items()}, line)
-        entry = self._lines[batch]
+                self._lines[name, batch] = (medians, {n: len(s) for n, s in own.items()}, line)
+        entry = self._lines[name, batch]
         if entry is None:
-            return self._across_batches(batch, size)
+            return None
         medians, counts, line = entry
-        return medians[size] if counts.get(size, 0) >= SAMPLES_KEPT // 2 else line(min(size, max(counts)))
+        return medians[x] if counts.get(x, 0) >= SAMPLES_KEPT // 2 else line(min(x, max(counts)))
 
     def _across_batches(self, batch: int, size: int) -> float:
         """A batch size measured at fewer than two lengths: its own median once it has SAMPLES_KEPT / 2 rounds,
@@ -196,10 +219,10 @@ class MeasuredCosts:
         own = self._rest_by_batch.get((batch, size), ())
         if len(own) >= SAMPLES_KEPT // 2:
             return statistics.median(own)
-        if None not in self._lines:
-            self._lines[None] = fit_plane({key: (statistics.median(s), len(s))
-                                           for key, s in self._rest_by_batch.items()})
-        plane = self._lines[None]
+        if "plane" not in self._lines:
+            self._lines["plane"] = fit_plane({key: (statistics.median(s), len(s))
+                                              for key, s in self._rest_by_batch.items()})
+        plane = self._lines["plane"]
         if plane is None:
             return self._estimate(self._rest, 1, batch * size)
         return plane(batch, min(size, max(n for _, n in self._rest_by_batch)))
@@ -239,6 +262,9 @@ class FixedCosts:
 
     def drafter_step(self, batch: int) -> float:
         return float(self._step(batch))
+
+    def drafting(self, batch: int, k: int) -> float:
+        return k * self.drafter_step(batch)
 
     def rest(self, batch: int, size: int) -> float:
         return float(self._rest(batch * size))
@@ -391,13 +417,12 @@ class Plan:
     rates: list[float | None]
 
 
-def best_draft_length(expected: list[list[float]], drafter_step: float, rest, frozen: int = 0
-                      ) -> tuple[int, float, float]:
-    """(k, sum_b E_b(k), seconds): the k in 0..K with the largest sum_b E_b(k) / (k drafter_step + rest(B, k + 1))
+def best_draft_length(expected: list[list[float]], drafting, rest, frozen: int = 0) -> tuple[int, float, float]:
+    """(k, sum_b E_b(k), seconds): the k in 0..K with the largest sum_b E_b(k) / (drafting(B, k) + rest(B, k + 1))
     (the smallest on a tie), where expected[b] = [E_b(0), ..., E_b(K)] (a row with less room repeats its last
     value), B = len(expected) + frozen rows that run without generating."""
     rows = len(expected) + frozen
-    choices = [(k, sum(e[k] for e in expected), k * drafter_step + rest(rows, k + 1)) for k in range(len(expected[0]))]
+    choices = [(k, sum(e[k] for e in expected), drafting(rows, k) + rest(rows, k + 1)) for k in range(len(expected[0]))]
     return max(choices, key=lambda c: (c[1] / c[2], -c[0]))
 
 
@@ -430,13 +455,13 @@ class AutoPlanner:
         for row, room in live:
             e = expected_tokens(row.rates(self.pool.rates_without(row, rate)))[: min(room, k_max) + 1]
             expected.append(e + [e[-1]] * (k_max + 1 - len(e)))  # no drafts past the row's budget
-        step = self.costs.drafter_step(batch)
-        k, _, seconds = best_draft_length(expected, step, self.costs.rest, frozen)
+        k, _, seconds = best_draft_length(expected, self.costs.drafting, self.costs.rest, frozen)
         if k > 0:
             self.idle, self.wait = 0, PROBE_AFTER
         elif k_max > 0:  # (k_max = 0: the budget leaves no room to draft; no choice was made)
             self.idle += 1
-            probe = step + self.costs.rest(batch, 2)  # one draft, so that a row whose text turned predictable shows it
+            # one draft, so that a row whose text turned predictable shows it
+            probe = self.costs.drafting(batch, 1) + self.costs.rest(batch, 2)
             if self.idle >= max(self.wait, (probe - seconds) / (PROBE_SHARE * seconds)):
                 k, self.idle, self.wait, seconds = 1, 0, min(2 * self.wait, PROBE_MAX), probe
         rates, i = [], 0

@@ -35,7 +35,7 @@ def expected(a: float, K: int) -> list[float]:
 @pytest.mark.parametrize("c_d,v0,v1", [(0.05, 1.0, 0.0), (0.3, 1.0, 0.02), (1.5, 1.0, 0.0), (0.01, 1.0, 0.3)])
 def test_best_draft_length_is_the_cost_models_optimum(a, c_d, v0, v1):
     K = 8
-    k, tokens, seconds = best_draft_length([expected(a, K)], c_d, lambda B, S: v0 + v1 * B * S)
+    k, tokens, seconds = best_draft_length([expected(a, K)], lambda B, j: j * c_d, lambda B, S: v0 + v1 * B * S)
     rates = [e / (j * c_d + v0 + v1 * (j + 1)) for j, e in enumerate(expected(a, K))]
     # brute force over the closed form: the best rate's k (the smallest on a tie)
     assert k == min(j for j in range(K + 1) if rates[j] >= max(rates) * (1 - 1e-9))
@@ -49,20 +49,21 @@ def test_best_draft_length_is_the_cost_models_optimum(a, c_d, v0, v1):
 def test_the_best_rate_wins_and_a_tie_goes_to_the_smaller_k():
     """Rates 1.00, 1.01, 1.015 (k = 0, 1, 2): k = 2, however small its lead; 1.0, 1.5, 1.5: k = 1 (a larger k that
     brings nothing more is not drafted)."""
-    rest = (lambda B, S: 1.0)
-    assert best_draft_length([[1.0, 1.01, 1.015]], 0.0, rest)[0] == 2
-    assert best_draft_length([[1.0, 1.5, 1.5]], 0.0, rest)[0] == 1
-    assert best_draft_length([[1.0, 1.5, 1.5]], 0.1, rest)[0] == 1
+    rest, free, dear = (lambda B, S: 1.0), (lambda B, k: 0.0), (lambda B, k: 0.1 * k)
+    assert best_draft_length([[1.0, 1.01, 1.015]], free, rest)[0] == 2
+    assert best_draft_length([[1.0, 1.5, 1.5]], free, rest)[0] == 1
+    assert best_draft_length([[1.0, 1.5, 1.5]], dear, rest)[0] == 1
 
 
 def test_a_batch_chooses_one_k_for_the_sum_of_its_rows():
     """Two rows, one accepting everything, one nothing: sum_b E_b(k) = (k + 1) + 1; frozen rows add to the cost."""
     c_d, v = 0.4, (lambda B, S: 1.0 + 0.05 * B * S)
+    drafting = (lambda B, k: k * c_d)
     K = 6
-    k, _, _ = best_draft_length([expected(1.0, K), expected(0.0, K)], c_d, v)
+    k, _, _ = best_draft_length([expected(1.0, K), expected(0.0, K)], drafting, v)
     rates = [(j + 2) / (j * c_d + v(2, j + 1)) for j in range(K + 1)]
     assert k == min(j for j in range(K + 1) if rates[j] >= max(rates) * (1 - 1e-9))
-    k3, _, seconds = best_draft_length([expected(1.0, K), expected(0.0, K)], c_d, v, frozen=3)
+    k3, _, seconds = best_draft_length([expected(1.0, K), expected(0.0, K)], drafting, v, frozen=3)
     assert seconds == pytest.approx(k3 * c_d + v(5, k3 + 1))
 
 
@@ -93,6 +94,28 @@ def test_measured_costs_drop_each_shapes_first_round_and_fit_a_line():
     costs.add(2, 2, 2 * step(2), 6.0)
     assert costs.rest(2, 2) == pytest.approx(5.5) and costs.rest(2, 5) == pytest.approx(6.0)
     assert fit_line({1: (5.0, 3), 2: (4.0, 1)})(7) == pytest.approx(4.75)  # a falling fit: flat at the mean
+
+
+def test_drafting_is_a_line_in_k_with_a_fixed_part_per_round():
+    """A round's drafting costs a part paid once per round (the inputs every step reads) plus one part per step:
+    exact costs F + s k measured at k = 8, 2 and 3 are reproduced at every k, measured or not (flat beyond the
+    longest measured, as the rest's line). k times the median cost per step of those rounds would spread F over
+    the k of the rounds measured and overestimate long drafts. A batch size drafted at one length only scales it
+    in proportion to k."""
+    F, s = 0.5e-3, 0.3e-3
+    costs = MeasuredCosts()
+    for k in (8, 2, 3):
+        for _ in range(3):  # the first of each (B, k) is dropped
+            costs.add(1, k, F + s * k, 0.003)
+    assert costs.drafting(1, 0) == 0.0
+    for k in range(1, 9):
+        assert costs.drafting(1, k) == pytest.approx(F + s * k)
+    assert costs.drafting(1, 12) == pytest.approx(F + s * 8)
+    assert 8 * costs.drafter_step(1) > 1.25 * (F + 8 * s)  # the per-step median: (F + 3 s) / 3 here
+    for _ in range(3):
+        costs.add(4, 4, 4e-3, 0.01)
+    assert costs.drafting(4, 2) == pytest.approx(2e-3)
+    assert costs.drafting(4, 6) == pytest.approx(6e-3)
 
 
 def test_the_cpu_round_clock_counts_this_threads_work_and_not_its_waits():
