@@ -1532,6 +1532,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     default = temporary / "BENCHMARKS.quick.md" if args.quick else temporary / "gemma4-benchmarks" / "BENCHMARKS.md"
     args.out = ROOT / "BENCHMARKS.md" if args.write else (args.out or default)
     args.plot = args.out.parent / "benchmarks" / "tradeoff.png" if not args.quick else args.out.with_suffix(".png")
+    # now, not with the report: sections write their raw results (schedules-*.json) beside it as they finish, and a
+    # missing folder failed a 15-minute grid at its end
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.parser = p
     return args
 
@@ -1593,7 +1596,6 @@ def main(argv=None) -> int:
         else:
             doc.append(f"not run (`--only {args.only}`)")
         doc.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(doc))
     print("\n".join(doc))
     print(f"[benchmark] report written to {args.out}" + ("" if args.write else " (--write: the committed "

@@ -53,6 +53,14 @@ def test_predicted_tokens_per_round_and_speedup_match_a_simulated_loop(n):
     assert speedup == pytest.approx(tokens_per_round / (n * 1.0 + 12.0) * 10.0, rel=0.01)
 
 
+def test_the_reports_folder_exists_before_any_section_runs(tmp_path):
+    """Sections write raw results beside the report as they finish (the schedules grid's JSON after 15 minutes): a
+    new folder named by --out is made when the arguments are read, not when the report is written."""
+    out = tmp_path / "new" / "folder" / "BENCHMARKS.md"
+    args = benchmark.parse_args(["--only", "schedules", "--out", str(out)])
+    assert args.out == out and out.parent.is_dir() and not out.exists()
+
+
 def test_a_run_writes_its_report_outside_the_repository_unless_told_to_write(tmp_path, monkeypatch, capsys):
     """`benchmark.py` (here `--only training`, which measures nothing) leaves the committed BENCHMARKS.md as it is
     and writes its report to the temporary directory, the committed sections kept; `--write` replaces it."""
