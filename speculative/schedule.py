@@ -19,17 +19,17 @@ layer. The loop additionally clamps each round's k to the remaining budget and p
   through that B's medians instead (on a busy machine a few rounds are noisy; the line pools them). Drafting is a line
   with an intercept, not k times a step: a round first builds what every step reads (the cache's views, their masks
   and rotary tables: `Drafter.context`), once. Measured (compiled, bundled pair, 1 thread): 0.80 ms for k = 1 and
-  2.80 ms for k = 8, ~0.5 ms a round plus ~0.29 ms a step; k times the cost per step of rounds of 3 drafts (0.46 ms) would
-  put k = 8 at 3.7 ms. A B measured at fewer than two draft lengths scales its drafting in proportion to k, and its
-  rest takes the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median (a cost per row, such as its
-  cache and bookkeeping, and one per token row; the line in T = B (k + 1) alone while the plane is not determined).
-  Drafting at a batch size never drafted is the nearest measured size's, scaled as the target's decode step scales
-  between them. Beyond the longest round measured the lines stay flat: an optimistic guess, which the round that tries
-  it measures (a pessimistic one would never be tried, and never corrected). A process's first rounds with a pair
-  measure what is missing: k = K, then k = 0, twice each (the first time a shape runs holds one-off costs, so it is
-  not kept). `FixedCosts` takes the costs as given instead: then `auto`'s choices depend on past acceptance alone
-  (deterministic: the tests, and seeded sampling that must repeat draw for draw; with measured costs a seed repeats
-  the law, not every draw).
+  2.80 ms for k = 8, ~0.5 ms a round plus ~0.29 ms a step; k times the cost per step of rounds of 3 drafts (0.46 ms)
+  would put k = 8 at 3.7 ms. A B measured at fewer than two draft lengths scales its drafting in proportion to k, and
+  its rest takes the plane a + b B + c B (k + 1) through every measured (B, k + 1)'s median (a cost per row, such as
+  its cache and bookkeeping, and one per token row; the line in T = B (k + 1) alone while the plane is not
+  determined). Drafting at a batch size never drafted is the nearest measured size's, scaled as the target's decode
+  step scales between them. Beyond the longest round measured the lines stay flat: an optimistic guess, which the
+  round that tries it measures (a pessimistic one would never be tried, and never corrected). A process's first rounds
+  with a pair measure what is missing: k = K, then k = 0, twice each (the first time a shape runs holds one-off costs,
+  so it is not kept). `FixedCosts` takes the costs as given instead: then `auto`'s choices depend on past acceptance
+  alone (deterministic: the tests, and seeded sampling that must repeat draw for draw; with measured costs a seed
+  repeats the law, not every draw).
 - **Acceptance** (`Acceptance`): alpha_j, the probability that draft j is accepted given that drafts 1..j-1 were,
   per row, from that row's rounds: position j counts one trial whenever drafts 1..j-1 were accepted, a hit when j was
   too. All counts fade by DECAY per round that brings evidence, so a row follows its text (code, then prose); the
