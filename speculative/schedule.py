@@ -142,7 +142,7 @@ class MeasuredCosts:
         self._keep(self._rest, ("rest", batch * (k + 1)), batch * (k + 1), rest_seconds)
         self._keep(self._rest_by_batch, ("rest", batch, k + 1), (batch, k + 1), rest_seconds)
 
-    def _keep(self, table: dict, key, count, seconds: float) -> None:
+    def _keep(self, table: dict, key, count: int | tuple[int, int], seconds: float) -> None:
         if key not in self._seen:  # a shape's first run holds one-off costs (allocation, kernel selection)
             self._seen.add(key)
             return
@@ -239,8 +239,8 @@ class MeasuredCosts:
 
 class FixedCosts:
     """Costs given instead of measured: `drafter_step` seconds per drafter step (a number, or a function of the batch
-    rows B) and `rest`, the seconds of the rest of a round as a function of the verify pass's token rows
-    T = B (k + 1). With these, `auto` is deterministic."""
+    rows B; k drafts cost k steps, no part per round) and `rest`, the seconds of the rest of a round as a function of
+    the verify pass's token rows T = B (k + 1). With these, `auto` is deterministic."""
 
     fixed = True
 
@@ -260,11 +260,8 @@ class FixedCosts:
     def calibration(self, batch: int, k_max: int) -> None:
         return None
 
-    def drafter_step(self, batch: int) -> float:
-        return float(self._step(batch))
-
     def drafting(self, batch: int, k: int) -> float:
-        return k * self.drafter_step(batch)
+        return k * float(self._step(batch))
 
     def rest(self, batch: int, size: int) -> float:
         return float(self._rest(batch * size))
